@@ -1,0 +1,28 @@
+"""r7b_fast.kernels: fused Triton kernels, each with a plain-torch twin of the same signature.
+
+Imported lazily: `import r7b_fast.kernels` costs nothing until a kernel is used.
+
+- `linear_logprobs(hidden, weight, targets, *, scale, ignore_index, backend)`: log p(target)
+  under softmax(scale * hidden @ weight.T) without materialising the logits.
+- `varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, window, softmax_scale, backend)`:
+  packed-sequence flash attention with GQA and sliding window.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "linear_logprobs": "r7b_fast.kernels.linear_logprobs",
+    "linear_logprobs_torch": "r7b_fast.kernels.linear_logprobs",
+    "varlen_attention": "r7b_fast.kernels.attention",
+    "varlen_attention_torch": "r7b_fast.kernels.attention",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'r7b_fast.kernels' has no attribute {name!r}")
