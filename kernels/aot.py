@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--specs", help="JSON list of AotSpec dicts ('-' = stdin); default: all kernels")
+    ap.add_argument(
+        "--specs", help="JSON list of AotSpec dicts ('-' = stdin); default: all kernels"
+    )
     args = ap.parse_args(argv)
     if args.specs:
         raw = sys.stdin.read() if args.specs == "-" else open(args.specs).read()
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reports.append(_compile_spec(spec))
         except Exception as e:  # report, keep going: one bad config must not hide the others
-            reports.append({"label": spec.label or spec.target, "error": f"{type(e).__name__}: {e}"})
+            reports.append(
+                {"label": spec.label or spec.target, "error": f"{type(e).__name__}: {e}"}
+            )
     if not args.specs:
         for r in reports:
             if "error" in r:

@@ -23,7 +23,9 @@ CHECK = (
 
 
 def _copy_source(dst: Path) -> Path:
-    ignore = shutil.ignore_patterns(".venv", "build", ".git", "*.so", "__pycache__", "*.egg-info", "runs")
+    ignore = shutil.ignore_patterns(
+        ".venv", "build", ".git", "*.so", "__pycache__", "*.egg-info", "runs"
+    )
     shutil.copytree(REPO, dst, ignore=ignore, symlinks=True)
     return dst
 
@@ -53,7 +55,9 @@ def test_import_after_install(tmp_path, editable):
     cmd = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     t0 = time.perf_counter()
     subprocess.run([*cmd, *(["-e"] if editable else []), str(src)], check=True, cwd=tmp_path)
-    print(f"build+install ({'editable' if editable else 'plain'}): {time.perf_counter() - t0:.1f} s")
+    print(
+        f"build+install ({'editable' if editable else 'plain'}): {time.perf_counter() - t0:.1f} s"
+    )
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for cwd in (outside, src):  # installed copy; then the repo root shadowing it

@@ -1,0 +1,1 @@
+"""Data: sources, chat rendering, packing, the embedded Arabic task set and tokenizer."""
