@@ -168,10 +168,17 @@ def env_info(device: str | torch.device | None = None) -> dict:
         "git": _git_commit(),
         "device": str(device),
     }
-    for mod in ("triton", "transformers", "liger_kernel", "trl"):
+    from importlib import metadata
+
+    for mod, dist in (
+        ("triton", "triton"),
+        ("transformers", "transformers"),
+        ("liger_kernel", "liger-kernel"),
+        ("trl", "trl"),
+    ):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # not installed, or a broken install: the report says so
+            info[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # not installed: the report says so
             info[mod] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
