@@ -1,0 +1,122 @@
+// Element kernels of the merge engine: out[i] = round(c0*x0[i] (+) c1*x1[i] (+) ...), where
+// the sum is a chain of fused multiply-adds in input order, in fp32, and round() is
+// round-to-nearest-even to the output dtype. Every path (scalar, AVX2, AVX-512) computes exactly
+// this, so all give identical bytes. NaN results are written as the canonical quiet NaN
+// (fp32 0x7FC00000, bf16 0x7FC0, fp16 0x7E00), whatever their payload or sign.
+//
+// The helpers below are `static inline` on purpose: each translation unit (compiled with its own
+// ISA flags) gets its own copy, so the linker can never hand an AVX-512-compiled copy to the
+// scalar path.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace r7b {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+static inline int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+// One block of work: `n` elements from `n_in` sources (all of dtype `in_dt`), coefficients
+// `coef[n_in]`, written to `out` in `out_dt`.
+struct Block {
+  const void* const* src;
+  const float* coef;
+  int n_in;
+  int in_dt;
+  int out_dt;
+  size_t n;
+  void* out;
+};
+
+using KernelFn = void (*)(const Block&);
+
+void kernel_scalar(const Block& b);
+#ifdef R7B_HAVE_AVX2
+void kernel_avx2(const Block& b);
+#endif
+#ifdef R7B_HAVE_AVX512
+void kernel_avx512(const Block& b);
+#endif
+
+static inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+static inline float bf16_to_f32(uint16_t h) { return bits_f32(uint32_t(h) << 16); }
+
+static inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (mant << 13));  // Inf / NaN
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float v = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  return bits_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// Round-to-nearest-even fp32 -> bf16 (input NaN already canonical, so it stays a quiet NaN).
+static inline uint16_t f32_to_bf16(float f) {
+  const uint32_t u = f32_bits(f);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Round-to-nearest-even fp32 -> fp16 with subnormals, overflow to Inf, NaN -> 0x7E00
+// (the same results as the F16C instruction vcvtps2ph with round-to-nearest).
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t u = f32_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= (143u << 23)) {  // >= 2^16: Inf, or NaN
+    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < (113u << 23)) {  // below 2^-14: subnormal; let the fp32 adder round
+    const float magic = bits_f32(((127u - 15u) + (23u - 10u) + 1u) << 23);
+    const float g = bits_f32(u) + magic;
+    o = f32_bits(g) - f32_bits(magic);
+  } else {
+    const uint32_t odd = (u >> 13) & 1u;
+    u += (uint32_t(15 - 127) << 23) + 0xfffu + odd;
+    o = u >> 13;
+  }
+  return uint16_t(o | (sign >> 16));
+}
+
+static inline float load_one(const void* p, int dt, size_t i) {
+  if (dt == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  if (dt == kF16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+static inline void store_one(void* p, int dt, size_t i, float v) {
+  if (v != v) v = bits_f32(0x7fc00000u);
+  if (dt == kBF16)
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  else if (dt == kF16)
+    static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+  else
+    static_cast<float*>(p)[i] = v;
+}
+
+// Elements [begin, b.n) one at a time: the reference order that every path follows.
+static inline void kernel_scalar_range(const Block& b, size_t begin) {
+  for (size_t i = begin; i < b.n; ++i) {
+    float acc = b.coef[0] * load_one(b.src[0], b.in_dt, i);
+    for (int j = 1; j < b.n_in; ++j) acc = std::fma(b.coef[j], load_one(b.src[j], b.in_dt, i), acc);
+    store_one(b.out, b.out_dt, i, acc);
+  }
+}
+
+}  // namespace r7b
