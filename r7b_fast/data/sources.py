@@ -82,6 +82,10 @@ def read_records(path):
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"path: {path}: expected .jsonl, .json, .parquet or a datasets directory")
+    from datasets.utils import tqdm as ds_tqdm
+
+    bars_were_off = ds_tqdm.are_progress_bars_disabled()
+    ds_tqdm.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="r7b_fast_ds.") as cache:
         builder = "parquet" if suffix == ".parquet" else "json"
         try:
