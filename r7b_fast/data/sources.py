@@ -82,10 +82,8 @@ def read_records(path):
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"path: {path}: expected .jsonl, .json, .parquet or a datasets directory")
-    from datasets.utils import tqdm as ds_tqdm
-
-    bars_were_off = ds_tqdm.are_progress_bars_disabled()
-    ds_tqdm.disable_progress_bars()
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="r7b_fast_ds.") as cache:
         builder = "parquet" if suffix == ".parquet" else "json"
         try:
@@ -99,7 +97,7 @@ def read_records(path):
             log.info("%s: datasets could not build one table (%s); reading lines", path, err)
         finally:
             if not bars_were_off:
-                ds_tqdm.enable_progress_bars()
+                datasets.enable_progress_bars()
     return _read_jsonl_lines(path)
 
 
