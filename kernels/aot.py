@@ -64,17 +64,22 @@ def compile_for_hopper(
     *,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible: tuple[str, ...] | list[str] = (),
 ) -> KernelReport:
     """Compile `fn` (a `@triton.jit` function) for sm_90 and read its resource usage.
 
     `signature` maps every argument name to a Triton type ('*bf16', '*fp32', 'i32', 'fp32',
-    'constexpr'); `constexprs` gives the constexpr values."""
+    'constexpr'); `constexprs` gives the constexpr values. `divisible` names the arguments the
+    JIT would specialise as multiples of 16 at the real shape (16-byte-aligned pointers, sizes
+    and strides divisible by 16): without it loads cannot vectorise and Triton does not pipeline
+    them (num_stages has no effect), so the report would not be what the GPU runs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs or {})
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", 90, 32),
@@ -118,6 +123,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    divisible: list[str] = field(default_factory=list)  # see compile_for_hopper
 
 
 # Modules whose AOT_SPECS list the configurations the GPU runs.
@@ -128,7 +134,12 @@ def _compile_spec(spec: AotSpec) -> dict:
     mod_name, fn_name = spec.target.split(":")
     fn = getattr(importlib.import_module(mod_name), fn_name)
     rep = compile_for_hopper(
-        fn, spec.signature, spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages
+        fn,
+        spec.signature,
+        spec.constexprs,
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+        divisible=spec.divisible,
     )
     out = asdict(rep)
     out.pop("ptx")
