@@ -594,6 +594,24 @@ def _model_arg(s: str) -> tuple[str, float | None]:
     return s, None
 
 
+def _cli_kwargs(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+    """merge_checkpoints keyword arguments from --config or from the individual flags."""
+    if a.config:
+        clash = [f for f in ("model", "method", "base", "normalize", "dtype") if getattr(a, f)]
+        if clash:
+            ap.error(f"--config excludes --{clash[0]}")
+        return load_mergekit_yaml(a.config)
+    if not a.model:
+        ap.error("give --model PATH[:WEIGHT] (repeated) or --config merge.yaml")
+    pairs = [_model_arg(m) for m in a.model]
+    given = [w for _, w in pairs if w is not None]
+    if given and len(given) != len(pairs):
+        ap.error("give a :WEIGHT for every --model or for none")
+    return dict(models=[p for p, _ in pairs], weights=given or None, method=a.method or "linear",
+                base=a.base, normalize=None if a.normalize is None else a.normalize == "true",
+                dtype=a.dtype)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m r7b_fast.merge",
@@ -613,22 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--config", default=None, help="mergekit YAML (linear / task_arithmetic)")
     a = ap.parse_args(argv)
-    if a.config:
-        clash = [f for f in ("model", "method", "base", "normalize", "dtype") if getattr(a, f)]
-        if clash:
-            ap.error(f"--config excludes --{clash[0]}")
-        kw = load_mergekit_yaml(a.config)
-    else:
-        if not a.model:
-            ap.error("give --model PATH[:WEIGHT] (repeated) or --config merge.yaml")
-        pairs = [_model_arg(m) for m in a.model]
-        given = [w for _, w in pairs if w is not None]
-        if given and len(given) != len(pairs):
-            ap.error("give a :WEIGHT for every --model or for none")
-        kw = dict(models=[p for p, _ in pairs], weights=given or None, method=a.method or "linear",
-                  base=a.base, normalize=None if a.normalize is None else a.normalize == "true",
-                  dtype=a.dtype)  # fmt: skip
     try:
+        kw = _cli_kwargs(ap, a)
         s = merge_checkpoints(**kw, out=a.out, threads=a.threads, max_shard_size=a.max_shard_size,
                               overwrite=a.overwrite)  # fmt: skip
     except (MergeError, FileExistsError, OSError) as e:
