@@ -190,6 +190,13 @@ _MAKERS: dict[str, Callable] = {
 # ----------------------------------------------------------------------------- verification
 
 _NUM = re.compile(r"\d+")
+_RAW_NUM = re.compile("[0-9" + AR_DIGITS + _FA_DIGITS + "]+")
+_SYSTEMS = (set("0123456789"), set(AR_DIGITS), set(_FA_DIGITS))
+
+
+def _mixed_number(text: str) -> bool:
+    """True if one number mixes digit systems ("1٢"): malformed, never an answer."""
+    return any(not any(set(m) <= sys for sys in _SYSTEMS) for m in _RAW_NUM.findall(text))
 
 
 def _numbers(text: str) -> list[int]:
@@ -219,12 +226,12 @@ def verify(task, text: str) -> float:
     `order_ar`. Surrounding words and punctuation are ignored ("الجواب ٧." passes; "٧ أو ٨"
     fails). For `digits_ar` the digit system IS the task: the value must be written only in the
     answer's system (`45` is wrong when `٤٥` is asked). Unknown families get the generic numeric
-    comparison.
+    comparison. A number mixing digit systems within itself ("1٢") is never right.
     """
     family, answer = _task_fields(task)
     if not isinstance(text, str):
         raise ValueError(f"text: expected str, got {type(text)}")
-    if _numbers(text) != _numbers(answer):
+    if _mixed_number(text) or _numbers(text) != _numbers(answer):
         return 0.0
     if family == "digits_ar":
         wanted_arabic = any(c in AR_DIGITS for c in answer)
