@@ -292,15 +292,11 @@ def decode_completion(tokenizer, ids: list[int]) -> str:
 
 def generate_text(model, tokenizer, prompts: list, **kwargs) -> list[list[str]]:
     """`generate` on chat prompts: each a user string or a list of {"role", "content"} messages,
-    rendered with the tokenizer's chat template and its generation prompt. Same keyword arguments
-    as `generate`; returns out[i][j] = the decoded text of sample j of prompt i."""
-    ids = [
-        list(
-            tokenizer.apply_chat_template(
-                _as_messages(p), add_generation_prompt=True, tokenize=True
-            )
-        )
-        for p in prompts
-    ]
+    rendered by `r7b_fast.data.chat.render_prompt` (the tokenizer's chat template plus its
+    generation prompt). Same keyword arguments as `generate`; returns out[i][j] = the decoded
+    text of sample j of prompt i (`decode_completion`)."""
+    from r7b_fast.data.chat import render_prompt
+
+    ids = [render_prompt(tokenizer, _as_messages(p)) for p in prompts]
     completions = generate(model, tokenizer, ids, **kwargs)
     return [[decode_completion(tokenizer, c) for c in per_prompt] for per_prompt in completions]
