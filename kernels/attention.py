@@ -1,0 +1,185 @@
+"""Varlen (packed-sequence) flash attention with GQA and sliding window: the public API.
+
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, window=4096)
+
+Triton kernels live in attention_fwd.py (forward, saves lse) and attention_bwd.py (a dK/dV
+kernel and a dQ kernel, no atomics); `varlen_attention_torch` is the plain-torch twin with the
+same signature; `backend="auto"` picks Triton on CUDA or under TRITON_INTERPRET=1, else torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import resolve_backend
+from .aot import AotSpec
+from .attention_bwd import DKDV_CONFIGS, DQ_CONFIGS, attn_bwd
+from .attention_fwd import FWD_CONFIGS, attn_fwd
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, dtypes=DTYPES) -> None:
+    """Raise ValueError naming the bad argument; one device sync to read cu_seqlens."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim]")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must be a 1-D tensor [num_seqs + 1]")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if q.dtype not in dtypes:
+        raise ValueError(f"q dtype must be one of {dtypes}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {t.device for t in (q, k, v, cu_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(
+            f"q, k, v, cu_seqlens must be on one device, got {sorted(map(str, devices))}"
+        )
+    T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [{T}, Hk, {D}]")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head_dim {D} not supported; use one of {HEAD_DIMS}")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({k.shape[1]})")
+    if window is not None:
+        if not causal:
+            raise ValueError("window needs causal=True (query i sees keys i-window < j <= i)")
+        if int(window) != window or window < 1:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+    lens = torch.diff(cu_seqlens)
+    first, last, min_len, max_len = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lens.min() if lens.numel() else cu_seqlens[0] * 0,
+         lens.max() if lens.numel() else cu_seqlens[0] * 0]
+    ).tolist()  # fmt: skip
+    if first != 0 or last != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at total tokens {T}: {first}..{last}")
+    if min_len < 0:
+        raise ValueError("cu_seqlens must be non-decreasing (monotonic)")
+    if int(max_seqlen) < max_len:
+        raise ValueError(f"max_seqlen {max_seqlen} < longest sequence {max_len}")
+
+
+def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=None,
+                           softmax_scale=None):  # fmt: skip
+    """Plain-torch twin of `varlen_attention` (same arguments and result): per sequence, an
+    explicit [L, L] boolean mask, products in the input dtype, softmax in fp32 (as HF eager).
+    Also accepts float64 (softmax then in float64): the tests' truth."""
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, (*DTYPES, torch.float64))
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    outs = [q.new_zeros(0, Hq, D)]
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        L = e - s
+        if L == 0:
+            continue
+        qs = q[s:e].reshape(L, Hk, Hq // Hk, D)  # (L, Hk, G, D): query head h = kv*G + g
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = torch.einsum("ikgd,jkd->kgij", qs, k[s:e]).to(acc) * scale
+        i = torch.arange(L, device=q.device)
+        seen = torch.ones(L, L, dtype=torch.bool, device=q.device)
+        if causal:
+            seen &= i[None, :] <= i[:, None]
+        if window is not None:
+            seen &= i[None, :] > i[:, None] - window
+        p = scores.masked_fill(~seen, float("-inf")).softmax(-1).to(q.dtype)
+        outs.append(torch.einsum("kgij,jkd->ikgd", p, v[s:e]).reshape(L, Hq, D))
+    return torch.cat(outs)
+
+
+class VarlenAttention(torch.autograd.Function):
+    """Triton forward (saves lse) and backward (dK/dV kernel, then dQ kernel)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
+        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.opts = (max_seqlen, causal, window, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(do, q, k, v, out, lse, cu_seqlens, *ctx.opts)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=None,
+                     softmax_scale=None, backend="auto"):  # fmt: skip
+    """Attention over sequences packed along the token axis (flash-attn's varlen layout).
+
+    Args:
+        q: [T, Hq, D] queries of all sequences back to back (T = total tokens).
+        k, v: [T, Hk, D]; Hq must be a multiple of Hk (GQA: query head h reads kv head
+            h // (Hq // Hk); e.g. Hq=32, Hk=8: heads 0-3 share kv head 0). K/V are never repeated.
+        cu_seqlens: int32 [B+1], 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T; sequence b is
+            rows cu_seqlens[b]:cu_seqlens[b+1]. No token attends across a boundary.
+        max_seqlen: int >= the longest sequence (sizes the launch grid).
+        causal: query i sees keys j <= i (positions within its sequence).
+        window: None, or an int w >= 1 with HF's meaning: query i sees key j iff
+            i - w < j <= i (flash-attn's window_size=(w-1, 0)); needs causal=True.
+            E.g. w=2, L=4 (rows = queries, x = attended):
+                x . . .
+                x x . .
+                . x x .
+                . . x x
+        softmax_scale: default 1/sqrt(D).
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton",
+            "torch".
+    Head dims 16/32/64/128; dtypes fp32/bf16/fp16 (q, k, v alike, one device).
+    Returns: [T, Hq, D] in q's dtype; differentiable w.r.t. q, k, v.
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if resolve_backend(backend, q, k, v) == "torch":
+        return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                      window=window, softmax_scale=scale)  # fmt: skip
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    win = None if window is None else int(window)
+    return VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), win, scale)
+
+
+def _aot_specs() -> list[AotSpec]:
+    """The bf16, head-dim-128, causal+window configs the GPU runs, for all three kernels."""
+    ptr, i32, f32 = "*bf16", "i32", "fp32"
+    fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "LSE": "*fp32", "CU": "*i32"}
+    fwd_sig |= dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
+    fwd_sig |= {"stride_ot": i32, "stride_oh": i32, "T": i32, "window": i32, "qk_scale": f32}
+    bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32"}
+    dkdv_sig = {**bwd_sig, "DK": ptr, "DV": ptr, "CU": "*i32"}
+    dq_sig = {**bwd_sig, "DQ": ptr, "CU": "*i32"}
+    tail = dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
+    tail |= {"stride_ot": i32, "stride_oh": i32, "T": i32, "window": i32}
+    tail |= {"qk_scale": f32, "sm_scale": f32}
+    consts = ["GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW", "CAST", "DOT_PREC"]
+    specs = []
+    for name, sig, cfg in (
+        ("attention_fwd:attn_fwd_kernel", fwd_sig, FWD_CONFIGS[128]),
+        ("attention_bwd:attn_bwd_dkdv_kernel", {**dkdv_sig, **tail}, DKDV_CONFIGS[128]),
+        ("attention_bwd:attn_bwd_dq_kernel", {**dq_sig, **tail}, DQ_CONFIGS[128]),
+    ):
+        bm, bn, warps, stages = cfg
+        for has_window in (False, True):
+            vals = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True,
+                        HAS_WINDOW=has_window, CAST=False, DOT_PREC="tf32")  # fmt: skip
+            specs.append(
+                AotSpec(
+                    target=f"r7b_fast.kernels.{name}",
+                    signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                    constexprs=vals,
+                    num_warps=warps,
+                    num_stages=stages,
+                    label=f"{name.split(':')[1]}[bf16,d128,{'window' if has_window else 'causal'}]",
+                )
+            )
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -1,0 +1,232 @@
+"""Varlen flash-attention backward: a dK/dV kernel and a dQ kernel, no atomics (see attention.py).
+
+With P = exp2(S * scale*log2e - lse) recomputed from the saved lse and Delta_i = sum_d dO_id O_id:
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
+- dK/dV: one program owns a key block of one sequence and one kv head; it loops over the GROUP
+  query heads that share that kv head and over the query tiles that can see the block, so the GQA
+  sum happens in registers and every dK/dV row is written once.
+- dQ: one program owns a query block of one query head and loops over the key tiles it sees,
+  exactly as the forward does; every dQ row is written once.
+Both use the forward's tile skipping (sequence, diagonal, window); only edge tiles are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting
+from .attention_fwd import INTERP_BLOCK, LOG2E, dot_precision, key_tile_bounds, visible
+
+
+@triton.jit
+def query_tile_bounds(k0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Query range that sees key block [k0, k0+BLOCK_N), split as [lo, a) masked, [a, b)
+    unmasked, [b, hi) masked; a and b are multiples of BLOCK_M (unless [a, b) is empty)."""
+    lo = k0 * 0
+    hi = k0 * 0 + L
+    full_lo = k0 * 0
+    full_hi = (L // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (k0 // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(k0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # rows >= every key of the block
+    if HAS_WINDOW:
+        hi = tl.minimum(L, k0 + BLOCK_N - 1 + window)  # row i sees key j iff i < j + window
+        full_hi = (tl.minimum(k0 + window, L) // BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(full_hi, a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols,
+                offs_d, lo, hi, L, window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, CAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        r = rows[:, None]
+        if MASKED:
+            ok = rows < L
+            q = tl.load(q_base + r * stride_qt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            do = tl.load(do_base + r * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=ok, other=0.0)
+        else:
+            q = tl.load(q_base + r * stride_qt + offs_d[None, :])
+            do = tl.load(do_base + r * stride_ot + offs_d[None, :])
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        if CAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(tl.trans(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)), p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_qh, stride_kt,
+                         stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         CAST: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # Q and DO share strides (stride_qt/qh), K/V/DK/DV share (stride_kt/kh); DO is O-shaped
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - start
+    k0 = pid_n * BLOCK_N
+    if k0 >= L:
+        return
+    cols = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < L
+    # int64 only in scalar base offsets; tile offsets stay int32 (int64 tiles cost registers)
+    start64 = start.to(tl.int64)
+    kv_base = start64 * stride_kt + kvh * stride_kh
+    kv_off = cols[:, None] * stride_kt + offs_d[None, :]
+    k = tl.load(K + kv_base + kv_off, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kv_base + kv_off, mask=col_ok[:, None], other=0.0)
+    if CAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo, a, c, hi = query_tile_bounds(k0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + start64 * stride_qt + h * stride_qh
+        do_base = DO + start64 * stride_ot + h * stride_oh
+        lse_base = LSE + h.to(tl.int64) * T + start
+        delta_base = DELTA + h.to(tl.int64) * T + start
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_ot, cols, offs_d, lo, a, L, window, qk_scale, True, CAUSAL,
+                             HAS_WINDOW, CAST, DOT_PREC, BLOCK_M)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_ot, cols, offs_d, a, c, L, window, qk_scale, False, CAUSAL,
+                             HAS_WINDOW, CAST, DOT_PREC, BLOCK_M)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_ot, cols, offs_d, c, hi, L, window, qk_scale, True, CAUSAL,
+                             HAS_WINDOW, CAST, DOT_PREC, BLOCK_M)  # fmt: skip
+    tl.store(DK + kv_base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kv_base + kv_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, hi, L, window,
+              qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              CAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_off = cols[:, None] * stride_kt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_base + kv_off, mask=cols[:, None] < L, other=0.0)
+            v = tl.load(v_base + kv_off, mask=cols[:, None] < L, other=0.0)
+        else:
+            k = tl.load(k_base + kv_off)
+            v = tl.load(v_base + kv_off)
+        if CAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, stride_kt,
+                       stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       CAST: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # Q and DQ share strides (stride_qt/qh); DO uses stride_ot/oh
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - start
+    q0 = pid_m * BLOCK_M
+    if q0 >= L:
+        return
+    rows = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < L
+    # int64 only in scalar base offsets; tile offsets stay int32 (int64 tiles cost registers)
+    start64 = start.to(tl.int64)
+    q_off = start64 * stride_qt + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + start64 * stride_ot + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * T + start64 + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h.to(tl.int64) * T + start64 + rows, mask=row_ok, other=0.0)
+    if CAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    kv_head = h // GROUP
+    k_base = K + start64 * stride_kt + kv_head * stride_kh
+    v_base = V + start64 * stride_kt + kv_head * stride_kh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, a, c, hi = key_tile_bounds(q0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, L,
+                   window, qk_scale, True, CAUSAL, HAS_WINDOW, CAST, DOT_PREC, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, a, c, L,
+                   window, qk_scale, False, CAUSAL, HAS_WINDOW, CAST, DOT_PREC, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, c, hi, L,
+                   window, qk_scale, True, CAUSAL, HAS_WINDOW, CAST, DOT_PREC, BLOCK_N)  # fmt: skip
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim.
+DKDV_CONFIGS = {16: (64, 128, 4, 2), 32: (64, 128, 4, 2), 64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
+DQ_CONFIGS = {16: (128, 64, 4, 2), 32: (128, 64, 4, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+
+
+def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scale):
+    """Gradients (dq, dk, dv) for validated inputs; lse fp32[Hq, T] from attn_fwd."""
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    do = do.contiguous()
+    # Delta_i = rowsum(dO * O) in fp32, laid out [Hq, T] like lse
+    delta = torch.einsum("thd,thd->ht", do.float(), out.float()).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B == 0 or T == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    interp = interpreting()
+    common = dict(
+        GROUP=Hq // Hk, HEAD_DIM=D, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        CAST=interp and q.dtype != torch.float32, DOT_PREC=dot_precision(q.dtype),
+    )  # fmt: skip
+    args = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
+        T, int(window or 0), float(scale * LOG2E), float(scale),
+    )  # fmt: skip
+    for kernel, configs, outs, by_keys in (
+        (attn_bwd_dkdv_kernel, DKDV_CONFIGS, (dk, dv), True),
+        (attn_bwd_dq_kernel, DQ_CONFIGS, (dq,), False),
+    ):
+        if interp:
+            bm = bn = INTERP_BLOCK
+            extra = {}
+        else:
+            bm, bn, warps, stages = configs[D]
+            extra = {"num_warps": warps, "num_stages": stages}
+        grid = (triton.cdiv(max_seqlen, bn if by_keys else bm), Hk if by_keys else Hq, B)
+        kernel[grid](q, k, v, do, lse, delta, *outs, cu_seqlens, *args, BLOCK_M=bm, BLOCK_N=bn,
+                     **common, **extra)  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,116 @@
+"""Run a transformers model's attention through `varlen_attention` (packed rows, no dense mask).
+
+    from r7b_fast.hf_attention import packed_kwargs, use_varlen_attention
+    use_varlen_attention(model)                       # registers "r7b_varlen", switches the model
+    out = model(input_ids, position_ids=pos, use_cache=False, **packed_kwargs(pos))
+
+`input_ids`/`position_ids` are [B, T] rows of sequences packed back to back, `position_ids`
+restarting at 0 at each sequence (B is usually 1). `packed_kwargs` computes `cu_seqlens` and
+`max_seqlen` once per batch (one host sync) under the names transformers already forwards from
+`model(**kwargs)` through every decoder layer to the attention function (`cu_seq_lens_q/_k`,
+`max_length_q/_k`, part of `TransformersKwargs` in 5.x); without them every layer derives them
+from `position_ids` itself (correct, slower). Sliding-window layers pass their window as the
+`sliding_window` argument (Cohere2Attention does; global layers pass None).
+
+The mask function registered with `AttentionMaskInterface` returns None, so HF builds no
+[T, T] mask. Cases varlen attention does not cover (a KV cache: query and key lengths differ,
+or a padding mask) fall back to transformers' SDPA path, mask included, so `generate` still works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r7b_fast.kernels.attention import varlen_attention
+
+NAME = "r7b_varlen"
+
+
+def packed_kwargs(position_ids: torch.Tensor) -> dict:
+    """Kwargs for `model(...)` / `model.model(...)` describing packed rows.
+
+    position_ids: [B, T] or [T] int; a sequence starts where a row starts or where a position is
+    not the previous one + 1 (so positions restarting at 0 split sequences).
+    Returns {"cu_seq_lens_q", "cu_seq_lens_k": int32 [S+1] over the B*T flattened tokens,
+    "max_length_q", "max_length_k": int} (the names flash-attention kwargs use in transformers)."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [B, T] or [T], got {tuple(position_ids.shape)}")
+    B, T = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
+    cu = torch.cat([idx, end]).to(torch.int32)
+    max_len = int(torch.diff(cu).max().item()) if B * T else 0
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
+    }
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                             scaling=None, sliding_window=None, **kwargs):  # fmt: skip
+    """transformers attention function: query [B, Hq, S, D], key/value [B, Hk, S, D] ->
+    ([B, S, Hq, D], None). Uses cu_seq_lens_q/max_length_q from kwargs when given, else
+    position_ids; falls back to SDPA for a padding mask or a KV cache (see the module doc)."""
+    B, Hq, S, D = query.shape
+    if attention_mask is not None or key.shape[2] != S:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)  # fmt: skip
+    if dropout:
+        raise ValueError(
+            f"{NAME} attention has no dropout (got {dropout}); set attention_dropout=0"
+        )
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None:
+        pos = kwargs.get("position_ids")
+        pos = torch.arange(S, device=query.device)[None] if pos is None else pos
+        packed = packed_kwargs(pos.expand(B, -1))
+        cu, max_len = packed["cu_seq_lens_q"], packed["max_length_q"]
+    to_tokens = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D)  # (B*S, H, D)
+    out = varlen_attention(
+        to_tokens(query), to_tokens(key), to_tokens(value), cu.to(torch.int32), int(max_len),
+        causal=kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False,
+        window=sliding_window, softmax_scale=scaling,
+        backend=getattr(module, "r7b_varlen_backend", "auto"),
+    )  # fmt: skip
+    return out.view(B, S, Hq, D), None
+
+
+def varlen_mask(*args, **kwargs):
+    """transformers mask function: None (no dense mask) unless SDPA must take over (a padding
+    mask or differing query/key lengths), then SDPA's mask."""
+    q_len, kv_len = kwargs.get("q_length"), kwargs.get("kv_length")
+    if kwargs.get("attention_mask") is None and q_len == kv_len:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register "r7b_varlen" with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, varlen_mask)
+
+
+def use_varlen_attention(model, *, backend: str = "auto"):
+    """Switch `model` (any transformers model whose attention goes through AttentionInterface,
+    e.g. Cohere2ForCausalLM) to varlen attention in place; returns the model.
+
+    backend: passed to `varlen_attention` ("auto": Triton on CUDA or under the interpreter)."""
+    register()
+    model.set_attn_implementation(NAME)
+    for m in model.modules():
+        if hasattr(m, "sliding_window") and hasattr(m, "layer_idx"):
+            m.r7b_varlen_backend = backend
+    return model
