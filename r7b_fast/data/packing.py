@@ -144,6 +144,12 @@ def naive_padding_efficiency(lengths, batch_size: int) -> float:
     return float(lengths.sum()) / max(1, int(slots.sum()))
 
 
+def _flat(seqs, dtype) -> np.ndarray:
+    if not len(seqs):
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.asarray(s, dtype=dtype) for s in seqs])
+
+
 class PackedDataset:
     """Sequences packed into rows; `row(i)` builds row i's tensors on demand.
 
@@ -159,12 +165,10 @@ class PackedDataset:
         self.max_tokens, self.pad_id = int(max_tokens), int(pad_id)
         self.starts = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
         self.lengths = lens
-        self.tokens = np.fromiter(
-            (t for s in seqs for t in s), dtype=np.int64, count=int(lens.sum())
-        )
-        self.trained = np.fromiter(
-            (m for s in trained for m in s), dtype=bool, count=int(lens.sum())
-        )
+        self.tokens = _flat(seqs, np.int64)
+        self.trained = _flat(trained, bool)
+        if len(self.trained) != len(self.tokens):
+            raise ValueError("sequences: token and mask lengths differ")
         self.unit_of_seq = np.asarray(unit_of_seq, dtype=np.int64)
         self.is_chosen = None if is_chosen is None else np.asarray(is_chosen, dtype=bool)
         unit_len = np.bincount(self.unit_of_seq, weights=lens).astype(np.int64)
