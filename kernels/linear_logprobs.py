@@ -56,6 +56,18 @@ _INTERP = dict(
 
 
 @triton.jit
+def _cast_out(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 x -> dtype rounding to nearest even, as the GPU does. The interpreter truncates
+    fp32 -> bf16 (twice the error), so there the fp32 bits are rounded first."""
+    if INTERP:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, rn, rv, N, V, K, stride_h, stride_w, scale,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
@@ -127,14 +139,19 @@ def _llp_dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, coef_ptr, dl_ptr, N, Vc, K
     onehot = tl.where((v_start + rv)[None, :] == tgt[:, None], 1.0, 0.0)
     dl = coef[:, None] * (onehot - p)  # fp32 throughout
     ptrs = dl_ptr + rn.to(tl.int64)[:, None] * stride_dl + rv[None, :]
-    tl.store(ptrs, dl.to(dl_ptr.dtype.element_ty), mask=n_ok[:, None] & (rv < Vc)[None, :])
+    tl.store(
+        ptrs,
+        _cast_out(dl, dl_ptr.dtype.element_ty, UPCAST),
+        mask=n_ok[:, None] & (rv < Vc)[None, :],
+    )
 
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, P, K, stride_a, stride_b, stride_c,
                    A_TRANS: tl.constexpr, ACCUMULATE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+                   GROUP_M: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+                   INTERP: tl.constexpr):  # fmt: skip
     """C[M, P] (+)= A[M, K] @ B[K, P], fp32 accumulation, stored in C's dtype.
 
     Row-major B and C; A row-major, or (A_TRANS) A = X.T for a row-major X[K, M] with row stride
@@ -175,7 +192,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, P, K, stride_a, stride_b, stride_c,
         else:
             a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_b
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(c_ptrs, _cast_out(acc, c_ptr.dtype.element_ty, INTERP), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -229,6 +246,7 @@ def _matmul(a, b, c, *, a_trans: bool, accumulate: bool):
     _matmul_kernel[grid](
         a, b, c, M, P, K, a.stride(0), b.stride(0), c.stride(0), A_TRANS=a_trans,
         ACCUMULATE=accumulate, F32=f32, DOT_PREC=_dot_prec(torch.float32 if f32 else a.dtype),
+        INTERP=interpreting(),
         **cfg,
     )  # fmt: skip
 
@@ -396,8 +414,8 @@ def linear_logprobs_torch(
         outs.append(
             checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
         )
-    if not outs:
-        return hidden.new_zeros(0, dtype=w.dtype)
+    if not outs:  # N = 0: empty, but connected to both inputs so backward still works
+        return (hidden.to(w.dtype) @ w[:1].T).squeeze(1)
     return torch.cat(outs)
 
 
@@ -481,9 +499,12 @@ def _aot_specs() -> list:
         sig = {
             "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": c_type,
             **dict.fromkeys(("M", "P", "K", "stride_a", "stride_b", "stride_c"), "i32"),
-            **dict.fromkeys(("A_TRANS", "ACCUMULATE", *mm_tiles, "F32", "DOT_PREC"), "constexpr"),
+            **dict.fromkeys(("A_TRANS", "ACCUMULATE", *mm_tiles, "F32", "DOT_PREC", "INTERP"),
+                            "constexpr"),
         }  # fmt: skip
-        consts = dict(A_TRANS=a_trans, ACCUMULATE=accumulate, F32=False, DOT_PREC="tf32")
+        consts = dict(
+            A_TRANS=a_trans, ACCUMULATE=accumulate, F32=False, DOT_PREC="tf32", INTERP=False
+        )
         specs.append(AotSpec(f"{mod}:_matmul_kernel", sig, {**mm_tiles, **consts}, **mm_launch,
                              label=f"llp_matmul_{label}", divisible=div(sig)))  # fmt: skip
     return specs

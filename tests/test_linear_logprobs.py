@@ -1,0 +1,171 @@
+"""linear_logprobs: Triton (interpreter) and the torch twin against a float64 truth.
+
+Error bound (STYLE.md habit 4): a path may be at most 2x as far from the float64 truth as plain
+PyTorch in the same dtype (materialised logits, log_softmax, autograd), plus a floor of 1e-6 for
+fp32 where both errors are at rounding level and their ratio is noise. Errors are normwise
+relative: ||x - truth|| / ||truth||. The factor 2 covers the kernel's different summation order
+(tiles, vocab splits, dlogits rounded to the GEMM dtype once) and nothing more: a wrong tile
+edge, mask or chunk gives errors of order 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r7b_fast.kernels.linear_logprobs as llp
+from r7b_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_torch
+
+pytestmark = pytest.mark.triton_interpret
+
+
+def _rel(x, truth):
+    return ((x.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
+def _inputs(N, H, V, dtype, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[:: max(1, N // 3)] = ignore_index  # some ignored rows, including row 0
+    t[-1:] = V - 1  # the last vocab row (in the ragged last tile) is a target
+    grad = torch.randn(N, generator=g, dtype=torch.float64)
+    return h, w, t, grad
+
+
+def _run(fn, h, w, t, grad, **kw):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(h, w, t, **kw)
+    (y.to(grad.dtype) * grad).sum().backward()
+    return y.detach(), h.grad, w.grad
+
+
+def _naive(h, w, t, scale=1.0, ignore_index=-100):
+    """Plain PyTorch in the inputs' dtype: materialised logits, log_softmax, gather."""
+    logits = (h @ w.T).float() * scale
+    valid = t != ignore_index
+    lp = torch.log_softmax(logits, -1).gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    return torch.where(valid, lp, 0.0)
+
+
+CASES = [  # (N, H, V, dtype, scale, ignore_index): none a multiple of the interpreter tiles
+    (37, 40, 131, torch.float32, 0.7, -100),
+    (37, 40, 131, torch.bfloat16, 0.7, -100),
+    (7, 24, 97, torch.bfloat16, 1.0, -1),
+    (7, 24, 97, torch.float16, 2.5, -100),
+]
+
+
+@pytest.mark.parametrize("N,H,V,dtype,scale,ignore_index", CASES)
+def test_matches_float64_truth(N, H, V, dtype, scale, ignore_index, monkeypatch):
+    # several backward vocab chunks (the last one ragged) and several forward vocab splits
+    monkeypatch.setattr(llp, "DLOGITS_BUDGET_BYTES", N * 4 * 64)
+    h, w, t, grad = _inputs(N, H, V, dtype, ignore_index)
+    kw = dict(scale=scale, ignore_index=ignore_index)
+    truth = _run(linear_logprobs_torch, h.double(), w.double(), t, grad, **kw)
+    naive = _run(_naive, h, w, t, grad, **kw)
+    tri = _run(linear_logprobs, h, w, t, grad, backend="triton", **kw)
+    twin = _run(linear_logprobs_torch, h, w, t, grad, **kw)
+    assert tri[0].dtype == torch.float32 and tri[0].shape == (N,)
+    assert tri[1].dtype == dtype and tri[2].dtype == dtype
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    for name, got, ref, tru in zip(("logp", "dH", "dW"), tri, naive, truth):
+        bound = 2 * _rel(ref, tru) + floor
+        assert _rel(got, tru) <= bound, (name, _rel(got, tru), bound)
+    for name, got, ref, tru in zip(("logp", "dH", "dW"), twin, naive, truth):
+        assert _rel(got, tru) <= 2 * _rel(ref, tru) + floor, name
+    ignored = t == ignore_index
+    assert (tri[0][ignored] == 0).all() and (tri[1][ignored] == 0).all()
+    assert (tri[0][~ignored] < 0).all()
+
+
+def test_torch_twin_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(llp, "TORCH_CHUNK_ELEMENTS", 22)  # 2 tokens per chunk: 3 checkpoints
+    h, w, t, _ = _inputs(5, 6, 11, torch.float64)
+    h.requires_grad_()
+    w.requires_grad_()
+    fn = lambda a, b: linear_logprobs_torch(a, b, t, scale=0.5)
+    assert torch.autograd.gradcheck(fn, (h, w))
+
+
+def test_tied_embedding_gets_both_gradients():
+    """The weight is both the input embedding and the output projection (Command R7B)."""
+    N, H, V = 9, 24, 53
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    ids = torch.randint(0, V, (N,), generator=g)
+    t = torch.roll(ids, -1)
+
+    def grads(fn, dtype):
+        emb = torch.nn.Embedding(V, H, dtype=dtype)
+        emb.weight.data.copy_(w0)
+        x = torch.tanh(emb(ids) * 1.5)  # (N, H) hidden states depend on the same weight
+        fn(x, emb.weight, t, scale=0.8).sum().backward()
+        return emb.weight.grad
+
+    truth = grads(linear_logprobs_torch, torch.float64)
+    got = grads(lambda *a, **k: linear_logprobs(*a, backend="triton", **k), torch.float32)
+    assert _rel(got, truth) < 1e-5  # fp32 rounding on an O(1) problem
+    # both paths into the weight matter: the embedding rows alone or the projection alone differ
+    emb_rows = torch.zeros_like(truth)
+    emb_rows[ids] = 1
+    assert (truth * (1 - emb_rows)).abs().sum() > 0 and (truth * emb_rows).abs().sum() > 0
+
+
+def test_empty_and_backend_choice(monkeypatch):
+    h, w, t, _ = _inputs(0, 8, 5, torch.float32)
+    h.requires_grad_()
+    w.requires_grad_()
+    for backend in ("triton", "torch"):
+        y = linear_logprobs(h, w, t, backend=backend)
+        assert y.shape == (0,) and y.dtype == torch.float32
+        y.sum().backward()
+        assert h.grad.shape == h.shape and (w.grad == 0).all()
+    forward, calls = llp._forward, []
+    monkeypatch.setattr(llp, "_forward", lambda *a: calls.append(a) or forward(*a))
+    h, w, t, _ = _inputs(9, 16, 33, torch.float32)
+    auto = linear_logprobs(h, w, t, scale=0.3)  # auto = Triton under the interpreter
+    assert len(calls) == 1
+    torch_path = linear_logprobs(h, w, t, scale=0.3, backend="torch")
+    assert len(calls) == 1
+    assert torch.equal(torch_path, linear_logprobs_torch(h, w, t, scale=0.3))
+    torch.testing.assert_close(auto, torch_path, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_op_fake_and_schema():
+    h, w, t, _ = _inputs(6, 16, 33, torch.float32)
+    torch.library.opcheck(
+        llp._llp_fwd_op, (h, w, t, 0.5, -100), test_utils=("test_schema", "test_faketensor")
+    )
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fh, fw, ft = (mode.from_tensor(x) for x in (h, w, t))
+        logp, lse = llp._llp_fwd_op(fh, fw, ft, 0.5, -100)
+        dh, dw = llp._llp_bwd_op(logp, fh, fw, ft, lse, 0.5, -100, True, False)
+    assert logp.shape == (6,) and logp.dtype == torch.float32
+    assert dh.shape == h.shape and dw.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_inputs_raise(backend):
+    h, w, t, _ = _inputs(4, 8, 5, torch.float32)
+    call = lambda *a, **k: linear_logprobs(*a, backend=backend, **k)
+    cases = [
+        ((h, w[:, :6], t), r"width mismatch.*\(4, 8\).*\(5, 6\)"),
+        ((h, w, torch.tensor([0, 1, 5, 2])), r"targets\[2\] = 5 is outside \[0, V=5\)"),
+        ((h, w, torch.tensor([0, -3, 1, 2])), r"targets\[1\] = -3"),
+        ((h[None], w, t), r"hidden must be 2-D, got shape \(1, 4, 8\)"),
+        ((h, w[None], t), r"weight must be 2-D"),
+        ((h, w, t[:3]), r"targets \(3,\) must have one entry per row of hidden \(4, 8\)"),
+        ((h, w, t.float()), r"targets dtype"),
+        ((h.half(), w, t), r"dtypes differ"),
+        ((h.int(), w.int(), t), r"hidden dtype"),
+        ((h, w.to("meta"), t), r"one device"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call(*args)
+    with pytest.raises(ValueError, match="backend"):
+        linear_logprobs(h, w, t, backend="cuda")
