@@ -211,3 +211,18 @@ def test_iterator_ranks_split_rows():
     assert len(set(flat)) == len(flat)  # disjoint
     ordered = _ids(MicroBatchIterator(packed, seed=0, shuffle=False))
     assert ordered == [tuple(packed.row(i)["example_ids"].tolist()) for i in range(len(packed))]
+
+
+def test_iterator_fractional_epochs():
+    rng = np.random.default_rng(3)
+    packed = pack_sft(_random_sft(rng, 60, 32), 32)
+    n = len(packed)
+    it = MicroBatchIterator(packed, seed=1, epochs=1.5)
+    assert len(it) == -(-3 * n // 2)
+    rows = _ids(it)
+    assert len(rows) == len(it) and it.steps_done() == len(it)
+    assert rows == _ids(MicroBatchIterator(packed, seed=1, epochs=2))[: len(rows)]
+    forever = MicroBatchIterator(packed, seed=1, epochs=None)
+    assert len(_ids(forever, 5 * n)) == 5 * n
+    with pytest.raises(ValueError, match="epochs"):
+        MicroBatchIterator(packed, epochs=0)

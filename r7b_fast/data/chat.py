@@ -1,7 +1,7 @@
 """Render conversations with a tokenizer's chat template into token ids and loss masks.
 
-Works with any Hugging Face tokenizer that has a chat template (ours, Command R7B's, Llama's,
-ChatML...). The assistant spans are found by rendering PREFIXES of the conversation as text:
+Works with any Hugging Face fast tokenizer (offsets are needed) that has a chat template
+(ours, Command R7B's, Llama's, ChatML...). The assistant spans are found by rendering PREFIXES of the conversation as text:
 an assistant message i occupies the characters between
 `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`, so the span
 holds the assistant's content and whatever the template closes the turn with (our
@@ -27,6 +27,8 @@ def _render_text(tokenizer, messages, add_generation_prompt: bool = False) -> st
 
 
 def _encode(tokenizer, text: str, offsets: bool = False):
+    if offsets and not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenizer: a fast tokenizer is needed (offset mapping)")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
     return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 

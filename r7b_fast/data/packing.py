@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -289,7 +290,9 @@ class MicroBatchIterator:
     Epoch e visits this rank's share of the rows in the order of a permutation seeded by
     `(seed, e)` (identity when `shuffle=False`). With `world_size` > 1 each epoch's order is
     split round-robin and cut to a multiple of `world_size`, so every rank gets
-    `steps_per_epoch` rows. `epochs=None` cycles forever. `state_dict()` after k rows,
+    `steps_per_epoch` rows. `epochs` may be fractional: the iterator stops after
+    `total_steps = ceil(epochs * steps_per_epoch)` rows (`len(it)`); `epochs=None` cycles
+    forever (`total_steps` None). `state_dict()` after k rows,
     restored with `load_state_dict()` into a fresh iterator built on the same packed data,
     continues with exactly row k+1.
     """
@@ -300,7 +303,7 @@ class MicroBatchIterator:
         *,
         seed: int = 0,
         shuffle: bool = True,
-        epochs: int | None = 1,
+        epochs: float | None = 1,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -310,11 +313,12 @@ class MicroBatchIterator:
             )
         if len(packed) < world_size:
             raise ValueError(f"packed: {len(packed)} rows cannot feed world_size={world_size}")
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs: expected None or >= 1, got {epochs}")
+        if epochs is not None and not epochs > 0:
+            raise ValueError(f"epochs: expected None or > 0, got {epochs}")
         self.packed, self.seed, self.shuffle, self.epochs = packed, int(seed), shuffle, epochs
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(packed) // world_size
+        self.total_steps = None if epochs is None else math.ceil(epochs * self.steps_per_epoch)
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
 
@@ -335,12 +339,21 @@ class MicroBatchIterator:
 
     def __next__(self) -> dict:
         if self.index >= self.steps_per_epoch:
-            if self.epochs is not None and self.epoch + 1 >= self.epochs:
-                raise StopIteration
             self.epoch, self.index = self.epoch + 1, 0
+        if self.total_steps is not None and self.steps_done() >= self.total_steps:
+            raise StopIteration
         row = self.packed.row(int(self._epoch_order()[self.index]))
         self.index += 1
         return row
+
+    def steps_done(self) -> int:
+        """Rows yielded so far (over all epochs)."""
+        return self.epoch * self.steps_per_epoch + self.index
+
+    def __len__(self) -> int:
+        if self.total_steps is None:
+            raise TypeError("an iterator with epochs=None has no length")
+        return self.total_steps
 
     def state_dict(self) -> dict:
         """Plain ints/bools: epoch, index (rows consumed in this epoch), seed, shuffle,
