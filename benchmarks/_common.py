@@ -12,6 +12,13 @@ first, the median of the timed calls reported; on the CPU, `time.perf_counter` a
 Results go to `results_dir()`: `$R7B_RESULTS_DIR` if set (gpu_suite.sh points every part at one
 scratch folder and consolidates it, because only 8 files come back from the device machine),
 else `$OUT` (the device machine's return folder), else `benchmarks/results/`.
+
+Summary convention: a payload may carry `"summary": [goal_row(...), ...]`, the headline numbers
+against the issue's goals; gpu_suite.sh puts every part's summary rows into the table it prints
+last (and into the README's performance table via render_results.py).
+
+    payload["summary"] = [goal_row("linear_logprobs fwd+bwd TFLOP/s (N=8192,H=4096,V=256000)",
+                                   tflops, 600, higher_is_better=True)]
 """
 
 from __future__ import annotations
@@ -236,6 +243,25 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     sep = "| " + " | ".join("---" for _ in columns) + " |"
     body = ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def goal_row(
+    metric: str,
+    value: float | None,
+    goal: float | None,
+    *,
+    higher_is_better: bool = True,
+    unit: str = "",
+) -> dict:
+    """One summary row: {'metric', 'value', 'goal' (e.g. '>= 600'), 'ok' (None when either is
+    missing)}. Use it for the headline numbers the issues set goals on."""
+    ok = None
+    if value is not None and goal is not None:
+        ok = bool(value >= goal) if higher_is_better else bool(value <= goal)
+    goal_s = (
+        None if goal is None else f"{'>=' if higher_is_better else '<='} {fmt(float(goal))}{unit}"
+    )
+    return {"metric": metric, "value": value, "goal": goal_s, "ok": ok}
 
 
 def results_dir() -> Path:
