@@ -393,7 +393,8 @@ def _clean_stale(out: Path) -> None:
 
 
 def _run_engine(engine, progress) -> None:
-    """Run the engine in a thread (it releases the GIL) and poll its byte counter."""
+    """Run the engine in a thread (it releases the GIL) and poll its byte counter every 0.1 s
+    (and once at the end): a tqdm bar, or `progress(done_bytes, total_bytes)`."""
     err: list[BaseException] = []
 
     def work():
@@ -402,22 +403,23 @@ def _run_engine(engine, progress) -> None:
         except BaseException as e:  # re-raised in the caller's thread
             err.append(e)
 
-    th = threading.Thread(target=work, name="r7b-merge", daemon=True)
-    bar = None
     if progress is None:
         progress = sys.stderr.isatty()
     if progress is True:
         from tqdm import tqdm
 
         bar = tqdm(total=engine.total_bytes, unit="B", unit_scale=True, desc="merge")
+        report = lambda done, total: bar.update(done - bar.n)
+    else:
+        bar, report = None, progress if callable(progress) else (lambda done, total: None)
+    th = threading.Thread(target=work, name="r7b-merge", daemon=True)
     try:
         th.start()
-        while th.is_alive():
+        alive = True
+        while alive:
             th.join(0.1)
-            if bar is not None:
-                bar.update(engine.done_bytes - bar.n)
-            elif callable(progress):
-                progress(engine.done_bytes, engine.total_bytes)
+            alive = th.is_alive()
+            report(engine.done_bytes, engine.total_bytes)
     except BaseException:
         engine.cancel()
         th.join()

@@ -92,10 +92,12 @@ def test_linear_bytes_equal_numpy_reference(tmp_path, in_dtype, out_dtype):
 
 def test_default_dtype_is_the_inputs_and_unnormalized_weights(tmp_path):
     paths, values = make_models(tmp_path, 2, "F16")
-    merge_checkpoints(
-        paths, tmp_path / "out", weights=[1.5, -0.25], normalize=False, progress=False
-    )
+    seen = []
+    merge_checkpoints(paths, tmp_path / "out", weights=[1.5, -0.25], normalize=False,
+                      progress=lambda done, total: seen.append((done, total)))  # fmt: skip
     check_against_reference(tmp_path / "out", values, [1.5, -0.25], "F16")
+    total = sum(int(np.prod(s)) * 2 for s in SHAPES.values())
+    assert seen and seen[-1] == (total, total) and seen == sorted(seen)  # polled, then final
 
 
 def test_task_arithmetic_bytes(tmp_path):
