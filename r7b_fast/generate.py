@@ -197,11 +197,17 @@ def _generate_batch(model, prompts, row_keys, done, *, opts: dict) -> list[list[
     return result
 
 
-def _check_args(prompt_ids, max_new_tokens, num_samples, temperature, top_p, batch_size) -> None:
+def _check_args(
+    prompt_ids, prompt_keys, max_new_tokens, num_samples, temperature, top_p, batch_size
+) -> None:
     if not isinstance(prompt_ids, (list, tuple)) or not all(
         isinstance(p, (list, tuple)) and len(p) > 0 for p in prompt_ids
     ):
         raise ValueError("generate: prompt_ids must be a list of non-empty lists of token ids")
+    if prompt_keys is not None and len(prompt_keys) != len(prompt_ids):
+        raise ValueError(
+            f"generate: prompt_keys has {len(prompt_keys)} entries for {len(prompt_ids)} prompts"
+        )
     for name, value in (
         ("max_new_tokens", max_new_tokens),
         ("num_samples", num_samples),
@@ -227,18 +233,25 @@ def generate(
     seed: int = 0,
     batch_size: int = 32,
     stop_ids: list[int] | None = None,
+    prompt_keys: list[int] | None = None,
 ) -> list[list[list[int]]]:
     """Samples `num_samples` completions for each prompt.
 
     prompt_ids: token ids per prompt (already chat-rendered, generation prompt included).
     tokenizer: gives the pad id and the stop ids (`stop_token_ids`); may be None (model.config's).
     temperature: 0 = greedy; top_p: nucleus mass in (0, 1]; seed: completion (i, j) depends only
-    on (seed, i, j), the model and the prompt, not on batch_size or the other prompts.
+    on (seed, prompt_keys[i], j), the model and the prompt, not on batch_size or the other
+    prompts. prompt_keys: an int per prompt keying its noise (default: its index i), e.g. the
+    prompt's global index when prompts are sharded over ranks.
+    stop_ids: ids that end a completion (default `stop_token_ids(model, tokenizer)`).
     batch_size: rows (prompt x sample) per forward; prompts are sorted by length to cut padding.
-    Returns out[i][j] = completion ids of sample j of prompt i, without the prompt, ending with the
+    An empty prompt list returns [] (under torch.distributed it still joins the other ranks'
+    forwards). Returns out[i][j] = completion ids of sample j of prompt i, without the prompt, ending with the
     stop token that ended it (absent if max_new_tokens was reached first).
     """
-    _check_args(prompt_ids, max_new_tokens, num_samples, temperature, top_p, batch_size)
+    _check_args(
+        prompt_ids, prompt_keys, max_new_tokens, num_samples, temperature, top_p, batch_size
+    )
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -269,7 +282,9 @@ def generate(
                 continue
             batch = batches[b]
             prompts = [list(prompt_ids[i]) for i, _ in batch]
-            keys = [i * num_samples + j for i, j in batch]
+            keys = [
+                (i if prompt_keys is None else prompt_keys[i]) * num_samples + j for i, j in batch
+            ]
             for (i, j), comp in zip(
                 batch, _generate_batch(model, prompts, keys, [False] * len(batch), opts=opts)
             ):
