@@ -110,8 +110,11 @@ def heldout_loss(
                 tgt[i, : len(t)] = torch.tensor(t)
             pos = torch.arange(T).expand(len(chunk), T).contiguous()
             dev = next(model.parameters()).device
+            # CPU: the torch twin (the Triton interpreter would be needlessly slow here)
+            backend = "auto" if dev.type == "cuda" else "torch"
             with torch.no_grad():
-                lp = token_logps(model, inp.to(dev), pos.to(dev), tgt.to(dev)).float().cpu()
+                lp = token_logps(model, inp.to(dev), pos.to(dev), tgt.to(dev), backend=backend)
+            lp = lp.float().cpu()
             for i, (fam, _, _) in enumerate(chunk):
                 valid = tgt[i] != IGNORE
                 sums[fam] -= float(lp[i][valid].sum())
@@ -191,13 +194,18 @@ def evaluate_model(
     accuracy: bool = True,
     loss: bool = True,
     max_len: int = 512,
+    return_samples: bool = False,
 ) -> dict:
     """`heldout_loss` and/or `task_accuracy` on `rows`, merged into one metrics dict."""
     out: dict = {}
     if loss:
         out.update(heldout_loss(model, tokenizer, rows, max_len=max_len))
     if accuracy:
-        out.update(task_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens))
+        out.update(
+            task_accuracy(
+                model, tokenizer, rows, max_new_tokens=max_new_tokens, return_samples=return_samples
+            )
+        )
     return out
 
 

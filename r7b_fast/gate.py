@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 def lower_is_better(name: str) -> bool:
@@ -151,3 +152,155 @@ def pick_best_answers(
             best = None
         out.append(best)
     return out
+
+
+# ----------------------------------------------------------------------------- the runner
+
+GATE_KEYS = {"work_dir", "seed", "config", "base", "overrides", "mixture", "candidates", "eval",
+             "threshold", "tolerance", "tracked", "data", "arbitrage", "launcher"}  # fmt: skip
+
+
+def load_gate_spec(path_or_name: str, **overrides) -> dict:
+    """A gate YAML (path or built-in name in r7b_fast/configs/), validated; keyword overrides
+    replace top-level keys (e.g. seed=1, work_dir=...)."""
+    import yaml
+
+    from r7b_fast.pipeline import resolve_pipeline
+
+    spec = yaml.safe_load(resolve_pipeline(path_or_name).read_text()) or {}
+    spec.update(overrides)
+    unknown = set(spec) - GATE_KEYS
+    if unknown:
+        raise ValueError(f"gate spec: unknown keys {sorted(unknown)} (known: {sorted(GATE_KEYS)})")
+    for key in ("work_dir", "config", "mixture", "candidates"):
+        if not spec.get(key):
+            raise ValueError(f"gate spec: `{key}` is required")
+    for i, c in enumerate(spec["candidates"]):
+        if not c.get("name") or not c.get("families") or not c.get("target"):
+            raise ValueError(f"gate spec: candidates[{i}] needs name, families and target")
+    return spec
+
+
+def _train(spec: dict, out: Path, files: list[Path]) -> Path:
+    """One short SFT (the trainer's own code) on `files`; returns the HF export directory."""
+    import json
+    import subprocess
+    import sys
+
+    base = spec.get("base") or {}
+    ov = {
+        "run.output_dir": str(out),
+        "run.seed": int(spec.get("seed", 0)),
+        "model.path": base.get("path", "tiny"),
+        "model.tiny_overrides": base.get("tiny_overrides") or {},
+        "data.train": [str(f) for f in files],
+        "data.synthetic_families": [],
+        **(spec.get("overrides") or {}),
+    }
+    args = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in ov.items()]
+    if (out / "done.json").is_file():
+        return out / "hf"
+    if spec.get("launcher", "inprocess") == "subprocess":
+        cmd = [sys.executable, "-m", "r7b_fast.train", spec["config"], *args]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    else:
+        from r7b_fast.config import load_config
+        from r7b_fast.train import run
+
+        run(load_config(spec["config"], args + ["logging.progress_bar=false",
+                                                "logging.tensorboard=false"]))  # fmt: skip
+    return out / "hf"
+
+
+def _evaluate(spec: dict, hf: Path, rows: list[dict]) -> dict[str, float]:
+    from r7b_fast.eval import evaluate_checkpoint
+
+    ev = spec.get("eval") or {}
+    m = evaluate_checkpoint(hf, rows, accuracy=bool(ev.get("accuracy", False)),
+                            max_new_tokens=int(ev.get("max_new_tokens", 16)))  # fmt: skip
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def run_gate(spec: dict, log=print) -> dict:
+    """Gate every candidate (then arbitrage-regenerate the rejected ones if `arbitrage` is set).
+
+    Returns {"decisions": [Decision...], "table": markdown, "mixture": metrics}; writes
+    work_dir/gate.json and work_dir/gate.md."""
+    import json
+
+    from r7b_fast.data.synthetic import make_dataset_dir
+    from r7b_fast.eval import read_jsonl, subsample
+
+    work = Path(spec["work_dir"]).resolve()
+    d = spec.get("data") or {}
+    ev = spec.get("eval") or {}
+    fams = set(spec["mixture"]) | {f for c in spec["candidates"] for f in c["families"]}
+    eval_fams = list(ev.get("families") or spec["mixture"])
+    seed = int(spec.get("seed", 0))
+    paths = make_dataset_dir(work / "data", sorted(fams | set(eval_fams)), int(d.get("n_train", 200)),
+                             int(d.get("n_eval", 32)), seed)  # fmt: skip
+    rows = [r for f in eval_fams for r in subsample(read_jsonl(paths[f]["eval"]),
+                                                    ev.get("n_per_family"))]  # fmt: skip
+    mix_files = [paths[f]["sft"] for f in spec["mixture"]]
+    base_m = _evaluate(spec, _train(spec, work / "mixture", mix_files), rows)
+    log(f"gate: mixture {spec['mixture']}: " + ", ".join(f"{k}={v:.4f}" for k, v in base_m.items()))
+    decisions = []
+    for c in spec["candidates"]:
+        files = [paths[f]["sft"] for f in c["families"]]
+        dec = _gate_one(spec, c["name"], files, mix_files, rows, base_m, work / c["name"], 0)
+        decisions.append(dec)
+        arb = spec.get("arbitrage")
+        if not dec.keep and arb:
+            regen = arbitrage(spec, files, work / f"{c['name']}_arbitrage" / "data.jsonl")
+            dec2 = _gate_one(spec, c["name"], [regen], mix_files, rows, base_m,
+                             work / f"{c['name']}_arbitrage", 1)  # fmt: skip
+            decisions.append(dec2)
+    table = decision_table(decisions)
+    (work / "gate.json").write_text(json.dumps({"mixture": base_m, "decisions": [
+        x.to_dict() for x in decisions]}, indent=1, ensure_ascii=False))  # fmt: skip
+    (work / "gate.md").write_text("# Dataset quality gate\n\n" + table + "\n")
+    log(table)
+    return {"decisions": decisions, "table": table, "mixture": base_m}
+
+
+def _gate_one(spec, name, files, mix_files, rows, base_m, out: Path, rnd: int) -> Decision:
+    c = next(x for x in spec["candidates"] if x["name"] == name)
+    cand_m = _evaluate(spec, _train(spec, out, list(mix_files) + list(files)), rows)
+    tracked = spec.get("tracked") or [k for k in base_m if k.startswith("loss")]
+    dec = decide(name, base_m, cand_m, target=c["target"], threshold=float(spec.get(
+        "threshold", 0.0)), tolerance=float(spec.get("tolerance", 0.0)), tracked=tracked)  # fmt: skip
+    dec.round = rnd
+    return dec
+
+
+def arbitrage(spec: dict, files: list[Path], out: Path) -> Path:
+    """Regenerate a dataset: for every row's prompt, sample `num_samples` answers from each
+    teacher checkpoint, score them with the reward, keep the best (rows whose best reward is
+    below `min_score` are dropped). Writes and returns `out` (JSONL, SFT `messages` schema)."""
+    from r7b_fast.data.chat import render_prompt
+    from r7b_fast.data.synthetic import write_jsonl
+    from r7b_fast.eval import load_for_eval, read_jsonl
+    from r7b_fast.generate import decode_completion, generate
+    from r7b_fast.rewards import get_reward
+
+    arb = spec["arbitrage"]
+    rows = [r for f in files for r in read_jsonl(f)]
+    reward = get_reward(arb.get("reward", "verifier"))
+    scored: list[list[tuple[str, float, str]]] = [[] for _ in rows]
+    for teacher in arb["teachers"]:
+        model, tok = load_for_eval(teacher)
+        prompts = [render_prompt(tok, r["messages"][:-1]) for r in rows]
+        outs = generate(model, tok, prompts, max_new_tokens=int(arb.get("max_new_tokens", 16)),
+                        num_samples=int(arb.get("num_samples", 4)),
+                        temperature=float(arb.get("temperature", 0.7)),
+                        seed=int(spec.get("seed", 0)))  # fmt: skip
+        for i, (r, comps) in enumerate(zip(rows, outs)):
+            texts = [decode_completion(tok, c) for c in comps]
+            for t, s in zip(texts, reward([r] * len(texts), texts)):
+                scored[i].append((t, float(s), str(teacher)))
+    best = pick_best_answers(scored, min_score=arb.get("min_score"))
+    new = [{**r, "messages": r["messages"][:-1] + [{"role": "assistant", "content": b[0]}],
+            "arbitrage": {"teacher": b[2], "reward": b[1]}}
+           for r, b in zip(rows, best) if b is not None]  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(new, out)
