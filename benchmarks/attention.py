@@ -1,0 +1,286 @@
+"""Varlen attention: ours vs torch SDPA, FlexAttention and flash-attn (when importable).
+
+    python -m benchmarks.attention            # GPU: timing table + JSON; CPU: tiny smoke shapes
+    python -m benchmarks.attention --check    # GPU: correctness at the real shapes, exit 1 on mismatch
+
+Workloads (GPU; head dim 128, 32 query / 8 kv heads, bf16, Command R7B's attention):
+  causal_8k  one 8192-token causal sequence
+  packed_16k one 16384-token row packed from lognormal SFT lengths (median ~500), causal
+  window_16k one 16384-token sequence, sliding window 4096
+Peers on the same inputs: SDPA (dense causal via its flash backend; a boolean [T, T] mask for
+packed/windowed), FlexAttention (compiled, document + sliding-window block mask), flash-attn's
+varlen function. TFLOP/s count attended (query, key) pairs only: 4*P*D*Hq flops forward,
++10*P*D*Hq backward. JSON goes to $OUT if set, else benchmarks/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from r7b_fast.kernels.attention import varlen_attention
+
+GPU_SHAPES = dict(hq=32, hk=8, d=128, dtype=torch.bfloat16)
+CPU_SHAPES = dict(hq=4, hk=2, d=16, dtype=torch.float32)
+
+
+def lognormal_lengths(total: int, median: float, sigma: float = 0.9, seed: int = 0) -> list[int]:
+    """Sequence lengths ~ lognormal(ln median, sigma), clipped to [8, total], summing to total."""
+    g = torch.Generator().manual_seed(seed)
+    lens, left = [], total
+    while left > 0:
+        n = int(math.exp(math.log(median) + sigma * torch.randn(1, generator=g).item()))
+        n = min(max(n, 8), left)
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def workloads(smoke: bool) -> dict[str, tuple[list[int], int | None]]:
+    """name -> (sequence lengths, window)."""
+    if smoke:
+        return {
+            "causal": ([48], None),
+            "packed": (lognormal_lengths(64, 8), None),
+            "window": ([64], 16),
+        }
+    return {
+        "causal_8k": ([8192], None),
+        "packed_16k": (lognormal_lengths(16384, 500), None),
+        "window_16k": ([16384], 4096),
+    }
+
+
+def attended_pairs(lens: list[int], window: int | None) -> int:
+    w = window or max(lens)
+    return sum(min(n, w) * (min(n, w) + 1) // 2 + max(n - w, 0) * w for n in lens)
+
+
+def make_inputs(lens, hq, hk, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    T = sum(lens)
+    q, k, v, do = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hk, hk, hq))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, do, cu
+
+
+def dense_mask(lens, window, device):
+    """[T, T] bool: same sequence, causal, inside the window."""
+    doc = torch.repeat_interleave(
+        torch.arange(len(lens), device=device), torch.tensor(lens, device=device)
+    )
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    m = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        m &= pos[None, :] > pos[:, None] - window
+    return m
+
+
+def implementations(lens, window, q, k, v, cu):
+    """name -> (f, inputs): f(*inputs) -> [T, Hq, D]; inputs are q, k, v in flash-attn's layout
+    (SDPA gets K/V already repeated to Hq heads, outside the timed region)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ALL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    T, hq, d = q.shape
+    rep = hq // k.shape[1]
+    max_len, dense = max(lens), len(lens) == 1 and window is None
+    qkv = (q, k, v)
+    impls = {"ours": (lambda q, k, v: varlen_attention(q, k, v, cu, max_len, window=window), qkv)}
+    to4 = lambda x: x.transpose(0, 1)[None]  # (1, H, T, D)
+    mask = None if dense else dense_mask(lens, window, q.device)
+
+    def sdpa(q, k, v):
+        # dense causal: pin SDPA's flash backend (the goal's baseline); masked: SDPA's choice
+        backends = [SDPBackend.FLASH_ATTENTION] if dense and q.is_cuda else ALL_SDPA
+        with sdpa_kernel(backends):
+            o = torch.nn.functional.scaled_dot_product_attention(
+                to4(q), to4(k), to4(v), attn_mask=mask, is_causal=dense
+            )
+        return o[0].transpose(0, 1)
+
+    mha = (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+    impls["sdpa_flash" if dense else "sdpa_mask"] = (sdpa, mha)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(
+            torch.arange(len(lens), device=q.device), torch.tensor(lens, device=q.device)
+        )
+        pos = torch.cat([torch.arange(n, device=q.device) for n in lens])
+
+        def mask_mod(b, h, i, j):
+            ok = (doc[i] == doc[j]) & (pos[j] <= pos[i])
+            return ok & (pos[j] > pos[i] - window) if window is not None else ok
+
+        block = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        flex = torch.compile(flex_attention) if q.is_cuda else flex_attention
+        run_flex = lambda q, k, v: flex(to4(q), to4(k), to4(v), block_mask=block, enable_gqa=True)
+        impls["flex"] = (lambda q, k, v: run_flex(q, k, v)[0].transpose(0, 1), qkv)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        print(f"flex attention unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        ws = (-1, -1) if window is None else (window - 1, 0)
+        fa = lambda q, k, v: flash_attn_varlen_func(
+            q, k, v, cu, cu, max_len, max_len, causal=True, window_size=ws
+        )
+        impls["flash_attn"] = (fa, qkv)
+    except ImportError:
+        pass
+    return impls
+
+
+def timer(fn, cuda: bool) -> float:
+    """Milliseconds per call (triton's do_bench on GPU; best of 3 wall-clock on CPU)."""
+    if cuda:
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def bench(smoke: bool) -> list[dict]:
+    cuda = torch.cuda.is_available() and not smoke
+    shapes, device = (GPU_SHAPES, "cuda") if cuda else (CPU_SHAPES, "cpu")
+    rows = []
+    for name, (lens, window) in workloads(not cuda).items():
+        q, k, v, do, cu = make_inputs(
+            lens, shapes["hq"], shapes["hk"], shapes["d"], shapes["dtype"], device
+        )
+        pairs = attended_pairs(lens, window)
+        unit = pairs * shapes["d"] * shapes["hq"]
+        for impl, (f, inputs) in implementations(lens, window, q, k, v, cu).items():
+            leaves = [x.detach().clone().requires_grad_() for x in inputs]
+
+            def fwd_bwd(f=f, leaves=leaves, do=do):
+                torch.autograd.grad(f(*leaves), leaves, do)
+
+            fwd = lambda f=f, inputs=inputs: f(*inputs)
+            for mode, fn, flops in (("fwd", fwd, 4 * unit), ("fwd+bwd", fwd_bwd, 14 * unit)):
+                try:
+                    ms = timer(fn, cuda)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory for the dense mask
+                    rows.append(
+                        dict(
+                            workload=name,
+                            impl=impl,
+                            mode=mode,
+                            error=f"{type(e).__name__}: {e}"[:200],
+                        )
+                    )
+                    continue
+                rows.append(dict(workload=name, impl=impl, mode=mode, ms=round(ms, 4), pairs=pairs,
+                                 tflops=round(flops / ms / 1e9, 2), tokens=sum(lens), seqs=len(lens),
+                                 window=window))  # fmt: skip
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ours_vs_<peer> = peer ms / our ms (> 1: we are faster), same workload and mode."""
+    ours = {(r["workload"], r["mode"]): r["ms"] for r in rows if r["impl"] == "ours" and "ms" in r}
+    for r in rows:
+        key = (r["workload"], r["mode"])
+        if r["impl"] != "ours" and "ms" in r and key in ours:
+            r["ours_speedup"] = round(r["ms"] / ours[key], 3)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'workload':<12} {'impl':<11} {'mode':<8} {'ms':>9} {'TFLOP/s':>8} {'ours x':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['workload']:<12} {r['impl']:<11} {r['mode']:<8} ERROR {r['error'][:60]}")
+            continue
+        sp = f"{r['ours_speedup']:.2f}" if "ours_speedup" in r else ""
+        print(
+            f"{r['workload']:<12} {r['impl']:<11} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.1f} {sp:>7}"
+        )
+
+
+def reference(q, k, v, cu, window, chunk=1024):
+    """fp32 attention with autograd, per sequence and per query chunk, keys limited to what the
+    chunk can see (so the 16k windowed case fits in memory); the check's truth."""
+    q, k, v = (x.float() for x in (q, k, v))
+    rep, scale, outs = q.shape[1] // k.shape[1], q.shape[-1] ** -0.5, []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        for c0 in range(s, e, chunk):
+            c1 = min(c0 + chunk, e)
+            k0 = s if window is None else max(s, c0 - window + 1)
+            qi = torch.arange(c0, c1, device=q.device)[:, None]
+            kj = torch.arange(k0, c1, device=q.device)[None, :]
+            seen = (kj <= qi) if window is None else (kj <= qi) & (kj > qi - window)
+            kk, vv = (x[k0:c1].repeat_interleave(rep, 1) for x in (k, v))
+            sc = torch.einsum("ihd,jhd->hij", q[c0:c1], kk) * scale
+            p = sc.masked_fill(~seen, float("-inf")).softmax(-1)
+            outs.append(torch.einsum("hij,jhd->ihd", p, vv))
+    return torch.cat(outs)
+
+
+def check() -> int:
+    """Ours (bf16) vs the fp32 reference at the real shapes, output and gradients.
+    Bound: relative Frobenius error <= 1e-2 (bf16 keeps 8 bits: rounding q/k/v, P and the
+    result gives ~3e-3; fp32 accumulation everywhere else), and no NaN/inf."""
+    if not torch.cuda.is_available():
+        print("--check needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bad = 0
+    for name, (lens, window) in workloads(False).items():
+        q, k, v, do, cu = make_inputs(lens, **GPU_SHAPES, device="cuda", seed=1)
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = varlen_attention(*leaves, cu, max(lens), window=window)
+        got = (out, *torch.autograd.grad(out, leaves, do))
+        ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        ref_out = reference(*ref_leaves, cu, window)
+        want = (ref_out, *torch.autograd.grad(ref_out, ref_leaves, do.float()))
+        for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            rel = ((a.float() - b).norm() / b.norm()).item()
+            ok = math.isfinite(rel) and rel <= 1e-2 and a.dtype == q.dtype
+            bad += not ok
+            print(f"check {name:<11} {label:<3} rel_err={rel:.2e} {'ok' if ok else 'MISMATCH'}")
+        del got, want, ref_out
+        torch.cuda.empty_cache()
+    print("attention check:", "FAILED" if bad else "passed")
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--check", action="store_true", help="GPU correctness at real shapes, then exit"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes (default without a GPU)")
+    args = ap.parse_args(argv)
+    if args.check:
+        return check()
+    rows = bench(args.smoke or not torch.cuda.is_available())
+    add_ratios(rows)
+    print_table(rows)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    path = out_dir / "attention.json"
+    path.write_text(
+        json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1)
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

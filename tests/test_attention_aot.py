@@ -1,0 +1,35 @@
+"""The three attention kernels compile for sm_90 with the bf16, head-dim-128 configs the GPU runs
+(causal and causal + window): no register spills (cuobjdump LOCAL = 0), a stack frame of at most
+a few words (larger tiles gave 250-1000 B per thread: spilled registers), shared memory within
+227 KB, and wgmma (Hopper tensor cores)."""
+
+import pytest
+
+from r7b_fast.kernels.aot import HOPPER_SMEM_LIMIT, compile_in_subprocess
+from r7b_fast.kernels.attention import AOT_SPECS
+
+KERNELS = {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return compile_in_subprocess(AOT_SPECS)
+
+
+def test_specs_cover_all_three_kernels_at_bf16_d128():
+    assert {s.target.split(":")[1] for s in AOT_SPECS} == KERNELS
+    for s in AOT_SPECS:
+        assert s.signature["Q"] == "*bf16" and s.constexprs["HEAD_DIM"] == 128
+        assert s.constexprs["CAST"] is False  # the GPU keeps bf16 dot operands
+    assert {s.constexprs["HAS_WINDOW"] for s in AOT_SPECS} == {False, True}
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_spills(reports, cuobjdump_available):
+    assert len(reports) == len(AOT_SPECS)
+    for r in reports:
+        assert "error" not in r, r
+        assert r["spills"] == 0 and r["stack"] <= 64, r
+        assert 0 < r["shared_bytes"] <= HOPPER_SMEM_LIMIT, r
+        assert r["wgmma"], r
+        assert r["problems"] == [], r
