@@ -7,7 +7,7 @@ family can serve as a separate "expert" dataset:
 | ----------- | ----------------------------------------------------------- | ---------------------- |
 | `arith_ar`  | Arabic word problem, + and - (x from difficulty 3)          | `٧` (Arabic-Indic)     |
 | `digits_ar` | convert a number between Western and Arabic-Indic digits    | `٤٥` or `45`           |
-| `count_ar`  | count the letters of a word or the words of a sentence      | `٥`                    |
+| `count_ar`  | count the letters of a letter string or the words of a sentence | `٥`                    |
 | `order_ar`  | sort numbers ascending or descending                        | `٣، ٧، ٩`              |
 | `arith_en`  | the English twin of `arith_ar`                              | `7`                    |
 | `bad_ar`    | `arith_ar` prompts with WRONG or noisy answers (quality gate) | anything               |
@@ -82,6 +82,7 @@ _WORDS = [
     "حصان", "سفينة", "قطار", "مستشفى", "صحراء", "واحة", "نجمة", "غيمة", "ريح", "ثلج",
     "فراشة", "زيتون", "برتقال", "عنب", "موز", "ليمون", "سمكة",
 ]  # fmt: skip
+_LETTERS = "ابتثجحخدذرزسشصضطظعغفقكلمنهوي"
 _SENT_WORDS = ["ذهب", "الولد", "إلى", "المدرسة", "صباحا", "مع", "أخيه", "الصغير", "في", "يوم",
                "جميل", "قرأت", "البنت", "كتابا", "جديدا", "الحديقة", "كبيرة", "جدا", "نحن",
                "نحب", "اللغة", "العربية", "الشمس", "مشرقة", "اليوم", "شرب", "القهوة", "بعد",
@@ -158,9 +159,10 @@ def _digits_ar(rng: random.Random, difficulty: int):
 
 def _count_ar(rng: random.Random, difficulty: int):
     _operand_max(difficulty)
-    if rng.random() < 0.5:
-        word = rng.choice(_WORDS)
-        return "letters", f"كم حرفا في كلمة «{word}»؟", to_arabic_digits(len(word)), {}
+    if rng.random() < 0.5:  # random letters, not dictionary words: a held-out word would be
+        # one unseen BPE token whose length no model could know
+        word = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 3 + 2 * difficulty)))
+        return "letters", f"كم حرفا في «{word}»؟", to_arabic_digits(len(word)), {}
     n = rng.randint(2, 2 + 2 * difficulty)
     sentence = " ".join(rng.choice(_SENT_WORDS) for _ in range(n))
     return "words", f"كم كلمة في الجملة «{sentence}»؟", to_arabic_digits(n), {}
