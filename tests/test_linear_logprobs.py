@@ -17,6 +17,7 @@ import r7b_fast.kernels.linear_logprobs as llp
 from r7b_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_torch
 
 pytestmark = pytest.mark.triton_interpret
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
 
 
 def _rel(x, truth):
@@ -31,7 +32,7 @@ def _inputs(N, H, V, dtype, ignore_index=-100, seed=0):
     t[:: max(1, N // 3)] = ignore_index  # some ignored rows, including row 0
     t[-1:] = V - 1  # the last vocab row (in the ragged last tile) is a target
     grad = torch.randn(N, generator=g, dtype=torch.float64)
-    return h, w, t, grad
+    return h.to(DEV), w.to(DEV), t.to(DEV), grad.to(DEV)
 
 
 def _run(fn, h, w, t, grad, **kw):
@@ -93,12 +94,12 @@ def test_tied_embedding_gets_both_gradients():
     """The weight is both the input embedding and the output projection (Command R7B)."""
     N, H, V = 9, 24, 53
     g = torch.Generator().manual_seed(1)
-    w0 = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
-    ids = torch.randint(0, V, (N,), generator=g)
+    w0 = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).to(DEV)
+    ids = torch.randint(0, V, (N,), generator=g).to(DEV)
     t = torch.roll(ids, -1)
 
     def grads(fn, dtype):
-        emb = torch.nn.Embedding(V, H, dtype=dtype)
+        emb = torch.nn.Embedding(V, H, dtype=dtype, device=DEV)
         emb.weight.data.copy_(w0)
         x = torch.tanh(emb(ids) * 1.5)  # (N, H) hidden states depend on the same weight
         fn(x, emb.weight, t, scale=0.8).sum().backward()
@@ -154,8 +155,8 @@ def test_bad_inputs_raise(backend):
     call = lambda *a, **k: linear_logprobs(*a, backend=backend, **k)
     cases = [
         ((h, w[:, :6], t), r"width mismatch.*\(4, 8\).*\(5, 6\)"),
-        ((h, w, torch.tensor([0, 1, 5, 2])), r"targets\[2\] = 5 is outside \[0, V=5\)"),
-        ((h, w, torch.tensor([0, -3, 1, 2])), r"targets\[1\] = -3"),
+        ((h, w, torch.tensor([0, 1, 5, 2], device=DEV)), r"targets\[2\] = 5 is outside \[0, V=5\)"),
+        ((h, w, torch.tensor([0, -3, 1, 2], device=DEV)), r"targets\[1\] = -3"),
         ((h[None], w, t), r"hidden must be 2-D, got shape \(1, 4, 8\)"),
         ((h, w[None], t), r"weight must be 2-D"),
         ((h, w, t[:3]), r"targets \(3,\) must have one entry per row of hidden \(4, 8\)"),
