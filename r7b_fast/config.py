@@ -44,6 +44,9 @@ class RunConfig:
     """Seed for model init, data order, dropout and sampling."""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu` or `cuda`."""
+    cpu_threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default divided by the processes on this
+    machine (oversubscribed CPUs get much slower with too many threads)."""
 
 
 @dataclass
@@ -58,8 +61,9 @@ class ModelConfig:
     attention: str = "varlen"
     """`varlen` (our packed varlen attention kernel via r7b_fast.hf_attention) or an HF
     attention implementation (`sdpa`, `eager`) that sees packing through position_ids."""
-    loss_backend: str = "auto"
-    """linear_logprobs backend: `auto` (Triton on CUDA), `triton` or `torch`."""
+    kernel_backend: str = "auto"
+    """Backend of our kernels (linear_logprobs, varlen attention): `auto` (Triton on CUDA or
+    under TRITON_INTERPRET=1, else the torch twin), `triton` or `torch`."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves memory, ~30% more compute)."""
 
@@ -322,9 +326,12 @@ def validate(cfg: Config) -> None:
     _check(r.stage in STAGES, "run.stage", f"must be one of {STAGES}, got {r.stage!r}")
     _check(bool(r.output_dir), "run.output_dir", "is required")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
+    _check(r.cpu_threads >= 0, "run.cpu_threads", "must be >= 0")
     _check(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype", "auto|float32|bfloat16")
     _check(m.attention in ("varlen", "sdpa", "eager"), "model.attention", "varlen|sdpa|eager")
-    _check(m.loss_backend in ("auto", "torch", "triton"), "model.loss_backend", "auto|torch|triton")
+    _check(
+        m.kernel_backend in ("auto", "torch", "triton"), "model.kernel_backend", "auto|torch|triton"
+    )
     if m.path != "tiny":
         _check(os.path.isdir(m.path), "model.path", f"not a directory: {m.path}")
         _check(not m.tiny_overrides, "model.tiny_overrides", "only valid with model.path=tiny")

@@ -77,3 +77,133 @@ def build_model(
     config._attn_implementation = attn_implementation
     model = Cohere2ForCausalLM(config)
     return model.to(device=device, dtype=dtype)
+
+
+def load_model(
+    path: str = "tiny",
+    dtype: torch.dtype = torch.float32,
+    *,
+    tiny_overrides: dict | None = None,
+    seed: int | None = 0,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+):
+    """A causal LM to train: `path="tiny"` builds `tiny_config(**tiny_overrides)` (seeded init);
+    otherwise `path` is an HF checkpoint directory of a Cohere2 (Command R7B) or Llama-family
+    model, loaded with its weights. The result has `use_cache=False` (packed rows never cache)."""
+    if path == "tiny":
+        return build_model(
+            tiny_config(**(tiny_overrides or {})),
+            dtype,
+            seed=seed,
+            attn_implementation=attn_implementation,
+            device=device,
+        )
+    if tiny_overrides:
+        raise ValueError("load_model: tiny_overrides only apply to path='tiny'")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"load_model: {path} is a {config.model_type!r} model; supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model.to(device)
+
+
+SUPPORTED_MODEL_TYPES = {"cohere2", "cohere", "llama", "mistral", "qwen2"}
+
+
+class TokenLogpsOutput(dict):
+    """What a kernel-patched model returns for `model(..., targets=...)`: `token_logps` fp32[B, T]
+    (log p(targets[b, t]) under the model, 0 where targets == -100); attribute access works too."""
+
+    __getattr__ = dict.__getitem__
+
+
+def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: str = "auto"):
+    """Opt-in patch of an HF Cohere2/Llama-style causal LM, in place; returns `model`.
+
+    attention: the model runs packed rows ([1, T] or [B, T] with `position_ids` restarting at 0
+        per sequence, `use_cache=False`) through our varlen attention kernel
+        (`r7b_fast.hf_attention.use_varlen_attention`); the per-batch packing kwargs
+        (`hf_attention.packed_kwargs(position_ids)`) are computed once per forward.
+    loss: `model(...)` computes log-probs with `linear_logprobs` (scaled by `logit_scale`),
+        never materialising the [tokens, vocab] logits:
+        - `model(input_ids, position_ids=..., targets=T)` with `targets` already shifted (the next
+          token or -100) returns `TokenLogpsOutput(token_logps=fp32[B, T])` — what our trainer
+          uses, so the head runs inside the root module's forward (FSDP2 gathers it there);
+        - `model(input_ids, labels=L)` (HF convention: unshifted, -100 ignored; what HF `Trainer`
+          passes) returns a CausalLMOutputWithPast with `loss` = mean NLL over the label tokens
+          (or sum / `num_items_in_batch` when given) and `logits=None`;
+        - without `targets`/`labels` the original forward runs (logits), e.g. for generation.
+    `backend` is passed to linear_logprobs ("auto", "triton", "torch").
+    """
+    import types
+
+    state = getattr(model, "_r7b_kernels", None)
+    if state is None:
+        state = {"attention": False, "loss": False, "backend": backend}
+        state["forward"] = types.MethodType(type(model).forward, model)
+        model._r7b_kernels = state
+    state["backend"] = backend
+    if attention and not state["attention"]:
+        from r7b_fast.hf_attention import use_varlen_attention
+
+        use_varlen_attention(model, backend=backend)
+        state["attention"] = True
+    state["loss"] = state["loss"] or loss
+    model.forward = types.MethodType(_patched_forward, model)
+    return model
+
+
+def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    state = self._r7b_kernels
+    if state["attention"] and position_ids is not None and attention_mask is None:
+        from r7b_fast.hf_attention import packed_kwargs
+
+        for key, value in packed_kwargs(position_ids).items():
+            kwargs.setdefault(key, value)
+    targets, labels = kwargs.pop("targets", None), kwargs.get("labels")
+    if not state["loss"] or (targets is None and labels is None):
+        return state["forward"](input_ids, attention_mask, position_ids, **kwargs)
+    from r7b_fast import losses
+
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
+            input_ids
+        )
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if targets is not None:
+        token_logps = losses.token_logps(
+            self, input_ids, position_ids, targets, backend=state["backend"], **kwargs
+        )
+        return TokenLogpsOutput(token_logps=token_logps)
+    return _hf_labels_loss(self, input_ids, position_ids, kwargs, state["backend"])
+
+
+def _hf_labels_loss(model, input_ids, position_ids, kwargs, backend):
+    """HF-convention loss: labels[b, t] is predicted from position t - 1 (shifted here)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from r7b_fast import losses
+
+    labels = kwargs.pop("labels")
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("use_cache", None)
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("return_dict", None)
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    token_logps = losses.token_logps(
+        model, input_ids, position_ids, targets, backend=backend, **kwargs
+    )
+    count = num_items if num_items is not None else (targets != -100).sum()
+    loss = -token_logps.sum() / torch.as_tensor(count, device=token_logps.device).clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss, logits=None)

@@ -1,0 +1,158 @@
+"""Processes and parallelism: one process runs plain; under torchrun, FSDP2.
+
+`init()` starts the process group when torchrun's environment is present (NCCL on GPU, gloo on
+CPU) and returns a `Dist` describing this process. `parallelize(model, dist, ...)` applies the
+transforms to a built model, always in this order:
+
+1. activation checkpointing around each decoder layer (optional),
+2. FSDP2 `fully_shard` on each decoder layer, then on the root model (only when world_size > 1),
+   with bf16 parameters and fp32 gradient reduction on GPU (`MixedPrecisionPolicy`).
+
+Kernel patching (`r7b_fast.model.apply_kernels`) happens before both, on the plain model. The
+training loss is computed inside the root module's forward (the patched forward returns token
+log-probs), so FSDP has unsharded `lm_head.weight` (tied to the embedding) when it is used.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    """Global rank of this process."""
+    world_size: int = 1
+    """Number of processes."""
+    local_rank: int = 0
+    """Rank on this machine (selects the GPU)."""
+    device: torch.device = torch.device("cpu")
+    """Device this process computes on."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str = "auto", cpu_threads: int = 0) -> Dist:
+    """Start the process group if launched by torchrun; pick this process's device.
+
+    `device`: `auto` (CUDA if available), `cpu` or `cuda`. Backend: NCCL on CUDA, gloo on CPU.
+    `cpu_threads`: torch intra-op threads (0: the default split over this machine's processes).
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cpu_threads or local_world > 1:
+        torch.set_num_threads(cpu_threads or max(1, torch.get_num_threads() // local_world))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=30),
+            device_id=dev if use_cuda else None,
+        )
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.distributed:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum of `x` over all processes (a new tensor; `x` unchanged on one process)."""
+    x = x.clone()
+    if dist.distributed:
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    x = x.clone()
+    if dist.distributed:
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
+    return x
+
+
+def broadcast_object(obj, dist: Dist):
+    """`obj` from rank 0 on every process."""
+    if not dist.distributed:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`model.model.layers`)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError("expected an HF causal LM with model.model.layers")
+    return layers
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap each decoder layer so its activations are recomputed in backward (non-reentrant)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_fsdp(model: nn.Module, dist: Dist, *, mixed_precision: bool) -> None:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, tied head).
+
+    With `mixed_precision`, parameters are gathered in bf16 and gradients reduced in fp32; the
+    sharded master weights keep the dtype the model was built in.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if mixed_precision:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's params are needed again at once in backward: keep them gathered.
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=mp)
+
+
+def parallelize(
+    model: nn.Module, dist: Dist, *, activation_checkpointing: bool, mixed_precision: bool
+) -> nn.Module:
+    """Apply the transforms in the documented order (see the module docstring); returns `model`."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if dist.distributed:
+        apply_fsdp(model, dist, mixed_precision=mixed_precision)
+    return model
+
+
+def unwrap_layer_names(name: str) -> str:
+    """A parameter name without activation-checkpoint wrapper prefixes (HF names)."""
+    return name.replace("_checkpoint_wrapped_module.", "")

@@ -1,0 +1,553 @@
+"""Training: `python -m r7b_fast.train CONFIG [section.key=value ...]` (also under torchrun).
+
+CONFIG is a YAML path or a built-in name from r7b_fast/configs/ (sft_tiny, dpo_tiny,
+online_dpo_tiny, sft_r7b, dpo_r7b, online_dpo_r7b); `--help` lists every key.
+
+One loop for every stage (`train_steps`); a stage only decides its data (packed SFT rows, or
+packed preference rows carrying precomputed reference log-probs) and its loss (`sft_loss`,
+`dpo_loss`). `online_dpo` repeats rounds of: sample pairs from the current policy
+(r7b_fast.online_dpo), reference log-probs, `train_steps`.
+
+Exact averaging: each optimizer step's loss is a sum over every micro-batch on every rank
+divided by the step's GLOBAL count (target tokens for SFT, pairs for DPO), counted before the
+first forward; gradient accumulation and any world size therefore give the same update.
+
+Run directory (`run.output_dir`), the contract with the pipeline:
+    config.yaml     resolved config          metrics.jsonl   start event, per-step metrics
+    checkpoints/    DCP resume checkpoints   hf/             final HF export (+ tokenizer)
+    data/           generated synthetic data reference/ and online/: reference log-probs
+                                                             and on-policy pairs, for resume
+    done.json       written last, atomically: the stage is complete iff it exists
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r7b_fast import checkpoint, distributed
+from r7b_fast.config import (
+    Config,
+    ConfigError,
+    check_world,
+    help_text,
+    load_config,
+    save_config,
+    to_dict,
+)
+from r7b_fast.logging import MetricsLogger, flops_per_token, peak_flops, versions
+from r7b_fast.train_data import build_rows, collate, make_iterator, reference_rows
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm: the run stops without stepping or checkpointing."""
+
+
+@dataclass
+class Session:
+    """What the loop works with (plain data; the behaviour lives in the functions below)."""
+
+    cfg: Config
+    dist: distributed.Dist
+    out: Path
+    logger: MetricsLogger
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accum: int
+    """Micro-batches per optimizer step on each rank."""
+    mixed: bool
+    """bf16 compute with fp32 weights on CUDA."""
+    flops_per_token: float
+    peak: float | None
+    """Peak FLOP/s per device (None: no MFU)."""
+    tokens: float = 0.0
+    """Real (non-padding) tokens trained so far, all ranks."""
+
+
+# ----------------------------------------------------------------------------- stage losses
+
+
+def sft_count(batch: dict) -> torch.Tensor:
+    """Normalizer units in a micro-batch for SFT: trained target tokens."""
+    return (batch["targets"] != -100).sum()
+
+
+def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
+    """-sum(log p(target)) / denom (denom = the step's global target-token count)."""
+    from r7b_fast import losses
+
+    token_logps = model(
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"]
+    ).token_logps
+    return losses.sft_loss(token_logps, batch["targets"], denom), {}
+
+
+def dpo_count(batch: dict) -> torch.Tensor:
+    """Normalizer units in a micro-batch for DPO: preference pairs."""
+    return torch.as_tensor(batch["chosen_index"].numel(), device=batch["input_ids"].device)
+
+
+def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
+    """losses.dpo_loss on this micro-batch's pairs, weighted by pairs / denom; TRL metrics as sums."""
+    from r7b_fast import losses
+
+    token_logps = model(
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"]
+    ).token_logps
+    seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
+    chosen, rejected = batch["chosen_index"], batch["rejected_index"]
+    ref = batch["ref_logps"]
+    lengths = batch["seq_target_tokens"]
+    loss, metrics = losses.dpo_loss(
+        seq_logps[chosen],
+        seq_logps[rejected],
+        ref[chosen],
+        ref[rejected],
+        beta=cfg.dpo.beta,
+        kind=cfg.dpo.loss_type,
+        label_smoothing=cfg.dpo.label_smoothing,
+        chosen_lengths=lengths[chosen],
+        rejected_lengths=lengths[rejected],
+        sft_weight=cfg.dpo.sft_weight,
+        chosen_token_count=lengths[chosen].sum(),
+    )
+    n = chosen.numel()
+    return loss * n / denom, {k: v.detach().float() * n for k, v in metrics.items()}
+
+
+STAGE_LOSS = {"sft": (sft_count, sft_loss), "dpo": (dpo_count, dpo_loss)}
+STAGE_LOSS["online_dpo"] = STAGE_LOSS["dpo"]
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def compute_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(parameter dtype, bf16 mixed precision?) for `model.dtype` on `device`."""
+    if cfg.model.dtype == "bfloat16":
+        return torch.bfloat16, False
+    if cfg.model.dtype == "float32":
+        return torch.float32, False
+    return torch.float32, device.type == "cuda"
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer for `data.tokenizer` (auto: the checkpoint's, or the embedded one for tiny)."""
+    from transformers import AutoTokenizer
+
+    from r7b_fast.data.tokenizer import load_tokenizer as embedded
+
+    choice = cfg.data.tokenizer
+    if choice == "embedded" or (choice == "auto" and cfg.model.path == "tiny"):
+        return embedded()
+    return AutoTokenizer.from_pretrained(cfg.model.path if choice == "auto" else choice)
+
+
+def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
+    """Load/build the model, then the transforms in order: kernels, activation checkpointing,
+    FSDP2 (distributed.parallelize documents the last two)."""
+    from r7b_fast.model import apply_kernels, load_model
+
+    dtype, mixed = compute_dtypes(cfg, dist.device)
+    attn = "sdpa" if cfg.model.attention == "varlen" else cfg.model.attention
+    model = load_model(
+        cfg.model.path,
+        dtype,
+        tiny_overrides=cfg.model.tiny_overrides,
+        seed=cfg.run.seed,
+        attn_implementation=attn,
+        device=dist.device,
+    )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: {len(tokenizer)} tokens > model vocab {model.config.vocab_size}"
+        )
+    apply_kernels(
+        model,
+        attention=cfg.model.attention == "varlen",
+        loss=True,
+        backend=cfg.model.kernel_backend,
+    )
+    distributed.parallelize(
+        model,
+        dist,
+        mixed_precision=mixed,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
+    return model
+
+
+def build_optimizer(cfg: Config, model, total_steps: int):
+    """AdamW (fused on CUDA; no decay on 1-D params) and a warmup + cosine/linear/constant schedule."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+    )
+    return optimizer, scheduler
+
+
+def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
+    """LR multiplier before optimizer step `step` (0-based): linear warmup, then decay to
+    `min_lr_ratio` at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / (o.warmup_steps + 1)
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps - 1))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_steps(
+    s: Session,
+    rows: list[dict],
+    first: int,
+    last: int,
+    *,
+    data_state=None,
+    extra_state: dict | None = None,
+) -> dict:
+    """Optimizer steps `first..last` (global, 1-based, inclusive) over `rows` (this stage's packed
+    rows, identical on every rank); checkpoints as configured; returns the last step's metrics."""
+    cfg, dist, model = s.cfg, s.dist, s.model
+    count_fn, loss_fn = STAGE_LOSS[cfg.run.stage]
+    it = make_iterator(rows, cfg, dist)
+    if data_state is not None:
+        it.load_state_dict(data_state)
+    metrics = {}
+    model.train()
+    for step in range(first, last + 1):
+        t0 = time.perf_counter()
+        micro = [collate([next(it) for _ in range(cfg.optim.micro_batch)], dist.device)
+                 for _ in range(s.accum)]  # fmt: skip
+        denom = (
+            distributed.all_reduce_sum(
+                torch.stack([count_fn(b) for b in micro]).sum().double(), dist
+            )
+            .clamp(min=1)
+            .float()
+        )
+        loss_sum, metric_sums = accumulate_gradients(s, micro, denom, loss_fn, step)
+        grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
+        loss = distributed.all_reduce_sum(loss_sum, dist)
+        check_finite(s, step, loss, grad_norm)
+        lr = s.scheduler.get_last_lr()[0]
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        if cfg.debug.step_sleep:
+            time.sleep(cfg.debug.step_sleep)
+        tokens = distributed.all_reduce_sum(
+            torch.stack([(b["seq_ids"] >= 0).sum() for b in micro]).sum().double(), dist
+        ).item()
+        s.tokens += tokens
+        metrics = step_metrics(s, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
+        for k, v in metric_sums.items():
+            metrics[k] = (distributed.all_reduce_sum(v, dist) / denom).item()
+        if step % cfg.logging.every_steps == 0 or step == last:
+            s.logger.log(step, metrics)
+        s.logger.advance()
+        every = cfg.checkpoint.every_steps
+        if (every and step % every == 0) or step == last:
+            save_checkpoint(s, step, it, extra_state or {})
+    return metrics
+
+
+def accumulate_gradients(s: Session, micro: list[dict], denom, loss_fn, step: int):
+    """Forward/backward every micro-batch; returns (this rank's loss sum, metric sums)."""
+    loss_sum = torch.zeros((), device=s.dist.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro):
+        if s.dist.distributed:  # reduce-scatter gradients only after the last micro-batch
+            s.model.set_requires_gradient_sync(i == len(micro) - 1)
+        with autocast(s):
+            loss, metrics = loss_fn(s.model, batch, denom, s.cfg)
+        if s.cfg.debug.nan_at_step == step:
+            loss = loss * float("nan")
+        # FSDP averages gradients over ranks; the loss is already a global mean: undo that.
+        (loss * s.dist.world_size).backward()
+        loss_sum += loss.detach().float()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v
+    return loss_sum, metric_sums
+
+
+def check_finite(s: Session, step: int, loss, grad_norm) -> None:
+    """Raise NonFiniteError (before the optimizer step: weights and checkpoints stay good)."""
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        return
+    s.optimizer.zero_grad(set_to_none=True)
+    last_good = checkpoint.latest(s.out / "checkpoints")
+    raise NonFiniteError(
+        f"step {step}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}); "
+        f"stopped before the optimizer step. Last good checkpoint: {last_good or 'none'} "
+        "(resume from it with a lower optim.lr or check the data)."
+    )
+
+
+def autocast(s: Session):
+    """bf16 autocast for one-process CUDA training with fp32 weights (FSDP casts by itself)."""
+    if s.mixed and not s.dist.distributed:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards), clipped to `max_norm` when > 0; a plain tensor."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm.detach().float()
+
+
+def step_metrics(s: Session, loss, grad_norm, lr, tokens, seconds) -> dict:
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    out = {
+        "loss": loss.item(),
+        "lr": lr,
+        "grad_norm": grad_norm.item(),
+        "tokens": tokens,
+        "tokens_per_s": tokens_per_s,
+        "step_s": seconds,
+    }
+    if s.peak:
+        out["mfu"] = tokens_per_s * s.flops_per_token / (s.peak * s.dist.world_size)
+    return out
+
+
+def save_checkpoint(s: Session, step: int, it, extra_state: dict) -> None:
+    state = {
+        "step": step,
+        "scheduler": s.scheduler.state_dict(),
+        "data": it.state_dict() if it is not None else None,
+        "tokens": s.tokens,
+        **extra_state,
+    }
+    checkpoint.save(
+        s.out / "checkpoints",
+        step,
+        s.model,
+        s.optimizer,
+        state,
+        s.dist,
+        keep_last=s.cfg.checkpoint.keep_last,
+    )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_offline(s: Session, rows: list[dict], total: int, resume_state: dict | None) -> dict:
+    """sft / dpo: steps 1..total over one dataset (dpo rows carry reference log-probs)."""
+    start = resume_state["step"] if resume_state else 0
+    if start >= total:
+        return resume_state.get("metrics", {})
+    s.logger.start_bar(total, start, s.cfg.run.stage)
+    data_state = resume_state["data"] if resume_state else None
+    return train_steps(s, rows, start + 1, total, data_state=data_state)
+
+
+def run_online(s: Session, prompts: list[dict], resume_state: dict | None) -> dict:
+    """online_dpo: rounds of (pairs from the current policy -> reference log-probs -> train),
+    `optim.max_steps` optimizer steps per round; a round's pairs are stored in the run dir so a
+    resumed run trains on the same ones."""
+    from r7b_fast.train_data import online_round_rows
+
+    per_round, rounds = s.cfg.optim.max_steps, s.cfg.online.rounds
+    done = resume_state["step"] if resume_state else 0
+    s.logger.start_bar(per_round * rounds, done, "online_dpo")
+    metrics = resume_state.get("metrics", {}) if resume_state else {}
+    for r in range(done // per_round, rounds):
+        rows = online_round_rows(s, prompts, r)
+        first, last = r * per_round + 1, (r + 1) * per_round
+        if rows is None:  # every prompt tied (or no pair fits): nothing to learn this round
+            s.logger.message(f"online round {r}: no pairs; skipping its {per_round} steps")
+            for _ in range(per_round):
+                s.scheduler.step()
+            save_checkpoint(s, last, None, {"round": r})
+            continue
+        mid_round = resume_state is not None and done >= first
+        data_state = resume_state["data"] if mid_round else None
+        metrics = train_steps(s, rows, max(first, done + 1), last, data_state=data_state,
+                              extra_state={"round": r})  # fmt: skip
+    return metrics
+
+
+def total_steps(cfg: Config, rows: list[dict]) -> int:
+    """Optimizer steps of the whole stage."""
+    if cfg.run.stage == "online_dpo":
+        return cfg.optim.max_steps * cfg.online.rounds
+    if cfg.optim.max_steps:
+        return cfg.optim.max_steps
+    return max(1, math.ceil(cfg.optim.epochs * len(rows) / cfg.optim.global_batch))
+
+
+def prepare_run_dir(cfg: Config, dist: distributed.Dist) -> Path:
+    out = Path(cfg.run.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+    distributed.barrier(dist)
+    return out
+
+
+def write_done(s: Session, metrics: dict, total: int, seconds: float) -> None:
+    """done.json, written last and atomically (temp file + rename) on rank 0."""
+    if not s.dist.is_main:
+        return
+    record = {
+        "stage": s.cfg.run.stage,
+        "steps": total,
+        "tokens": s.tokens,
+        "seconds": seconds,
+        "final": metrics,
+        "hf": str(s.out / "hf"),
+    }
+    tmp = s.out / "done.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, s.out / "done.json")
+
+
+def run(cfg: Config) -> dict:
+    """Run one stage end to end (see the module docstring); returns done.json's content."""
+    dist = distributed.init(cfg.run.device, cfg.run.cpu_threads)
+    logger = None
+    try:
+        accum = check_world(cfg, dist.world_size)
+        out = prepare_run_dir(cfg, dist)
+        lg = cfg.logging
+        logger = MetricsLogger(
+            out, enabled=dist.is_main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar
+        )
+        logger.event(
+            "start",
+            config=to_dict(cfg),
+            versions=versions(),
+            world_size=dist.world_size,
+            device=str(dist.device),
+        )
+        t0 = time.time()
+        torch.manual_seed(cfg.run.seed)
+        tokenizer = load_tokenizer(cfg)
+        rows = build_rows(cfg, tokenizer, out, dist, logger)
+        total = total_steps(cfg, rows)
+        model = build_model(cfg, dist, tokenizer)
+        optimizer, scheduler = build_optimizer(cfg, model, total)
+        mixed = compute_dtypes(cfg, dist.device)[1]
+        s = Session(
+            cfg,
+            dist,
+            out,
+            logger,
+            tokenizer,
+            model,
+            optimizer,
+            scheduler,
+            accum,
+            mixed,
+            flops_per_token(model.config, cfg.data.max_tokens),
+            peak_flops(dist.device, lg.peak_tflops),
+        )
+        if cfg.run.stage == "dpo":
+            rows = reference_rows(s, rows, out / "reference" / "dpo.pt")
+        resume_state = resume(s)
+        if cfg.run.stage == "online_dpo":
+            metrics = run_online(s, rows, resume_state)
+        else:
+            metrics = run_offline(s, rows, total, resume_state)
+        logger.close_bar()
+        if cfg.checkpoint.export_hf:
+            export_dtype = torch.bfloat16 if mixed else None
+            checkpoint.export_hf(
+                model,
+                out / "hf",
+                dist,
+                tokenizer=tokenizer,
+                dtype=export_dtype,
+                max_shard_size=cfg.checkpoint.hf_max_shard_size,
+            )
+        write_done(s, metrics, total, time.time() - t0)
+        logger.event("done", steps=total, tokens=s.tokens, seconds=time.time() - t0)
+        return {"steps": total, "metrics": metrics}
+    except BaseException as e:
+        if logger is not None:
+            logger.event("error", type=type(e).__name__, message=str(e))
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+
+
+def resume(s: Session) -> dict | None:
+    """Load the latest complete checkpoint (if any and checkpoint.resume); its trainer state."""
+    if not s.cfg.checkpoint.resume:
+        return None
+    path = checkpoint.agree_on_latest(s.out / "checkpoints", s.dist)
+    if path is None:
+        return None
+    state = checkpoint.load(path, s.model, s.optimizer, s.dist)
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.tokens = state.get("tokens", 0.0)
+    s.logger.event("resume", checkpoint=str(path), step=state["step"])
+    s.logger.message(f"resumed from {path} (step {state['step']})")
+    return state
+
+
+def oom_message(cfg: Config) -> str:
+    o, d = cfg.optim, cfg.data
+    return (
+        f"CUDA out of memory with optim.micro_batch={o.micro_batch} packed rows x "
+        f"data.max_tokens={d.max_tokens} tokens per forward pass. Lower optim.micro_batch "
+        f"(optim.global_batch={o.global_batch} is kept by accumulating more), lower "
+        f"data.max_tokens, or set model.activation_checkpointing=true."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        run(cfg)
+    except ConfigError as e:
+        print(f"r7b_fast.train: config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"r7b_fast.train: {e}", file=sys.stderr)
+        return 3
+    except torch.OutOfMemoryError:
+        print(f"r7b_fast.train: {oom_message(cfg)}", file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The trainer's data plumbing: files -> packed rows -> device micro-batches (+ reference logps).
+
+Builds on r7b_fast.data (sources, chat rendering, packing, the synthetic task generator); only
+the trainer-specific parts live here: which files a stage reads, stacking `optim.micro_batch`
+packed rows into one forward, and attaching reference log-probs to preference rows (computed
+once per dataset, or per on-policy round, and stored in the run dir so a resumed run reuses
+the reference of the original model instead of recomputing it from trained weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from r7b_fast import distributed
+from r7b_fast.config import Config, ConfigError
+from r7b_fast.data.packing import MicroBatchIterator, PackedDataset
+
+# Which generated file each stage trains on (r7b_fast.data.synthetic.make_dataset_dir).
+SYNTHETIC_FILE = {"sft": "sft", "dpo": "pref", "online_dpo": "sft"}
+SOURCE_KIND = {"sft": "sft", "dpo": "preference", "online_dpo": "prompt"}
+
+
+def dataset_files(cfg: Config, out: Path, dist: distributed.Dist) -> list[str]:
+    """`data.train`, or the synthetic families generated (by rank 0) into out/data."""
+    if cfg.data.train:
+        return list(cfg.data.train)
+    from r7b_fast.data.synthetic import make_dataset_dir
+
+    d = cfg.data
+    if dist.is_main:
+        make_dataset_dir(out / "data", d.synthetic_families, d.synthetic_train, d.synthetic_eval,
+                         seed=cfg.run.seed)  # fmt: skip
+    distributed.barrier(dist)
+    kind = SYNTHETIC_FILE[cfg.run.stage]
+    return [str(out / "data" / fam / f"{kind}.jsonl") for fam in d.synthetic_families]
+
+
+def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger=None):
+    """sft: a PackedDataset of SFT rows; dpo: a PackedDataset of preference rows; online_dpo:
+    the list of prompt rows (dicts with `prompt` + task metadata)."""
+    from r7b_fast.data.chat import render_preference, render_sft
+    from r7b_fast.data.packing import pack_preference, pack_sft
+    from r7b_fast.data.sources import load_rows
+
+    stage, max_tokens = cfg.run.stage, cfg.data.max_tokens
+    files = dataset_files(cfg, out, dist)
+    kw = {"tokenizer": tokenizer, "max_len": max_tokens} if stage != "online_dpo" else {}
+    rows, counts = load_rows(files, SOURCE_KIND[stage], **kw)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if stage == "sft":
+        packed = pack_sft([render_sft(tokenizer, r["messages"]) for r in rows], max_tokens,
+                          pad_id=pad)  # fmt: skip
+    elif stage == "dpo":
+        packed = pack_preference([render_preference(tokenizer, r) for r in rows], max_tokens,
+                                 pad_id=pad)  # fmt: skip
+    else:
+        packed = None
+    if logger is not None:
+        logger.event("data", files=files, counts=counts,
+                     packing=packed.stats() if packed is not None else None)  # fmt: skip
+    if packed is None:
+        return rows
+    if len(packed) < dist.world_size:
+        raise ConfigError(f"data.train: {len(packed)} packed rows cannot feed {dist.world_size} "
+                          "processes")  # fmt: skip
+    return packed
+
+
+def pack_pairs(cfg: Config, tokenizer, pairs: list[dict]) -> PackedDataset:
+    """Preference rows (TRL schema) -> packed rows (over-long pairs dropped by load_rows' rule)."""
+    from r7b_fast.data.chat import SequenceTooLong, render_preference
+    from r7b_fast.data.packing import pack_preference
+
+    rendered = []
+    for row in pairs:
+        try:
+            p, c, r = render_preference(tokenizer, row)
+        except SequenceTooLong:
+            continue
+        if 2 * len(p) + len(c) + len(r) <= cfg.data.max_tokens:
+            rendered.append((p, c, r))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pack_preference(rendered, cfg.data.max_tokens, pad_id=pad)
+
+
+def make_iterator(packed, cfg: Config, dist: distributed.Dist) -> MicroBatchIterator:
+    """This rank's endless, resumable stream of packed rows (rank r takes rows r, r+W, ... of
+    each epoch's seeded permutation, so one step covers the same rows for any world size)."""
+    return MicroBatchIterator(packed, seed=cfg.run.seed, shuffle=cfg.data.shuffle, epochs=None,
+                              rank=dist.rank, world_size=dist.world_size)  # fmt: skip
+
+
+def collate(rows: list[dict], device) -> dict:
+    """Concatenate packed rows into one packed row [1, B*T] on `device` (sequence ids offset so
+    they stay unique). Preference rows also get `chosen_index`/`rejected_index` (the pair's
+    two sequences, in the same pair order), `seq_target_tokens` [S] and `ref_logps` [S]."""
+    cat = lambda key: torch.cat([r[key] for r in rows])
+    offsets, seq_ids, total = [], [], 0
+    for r in rows:
+        n = len(r["cu_seqlens"]) - 1
+        seq_ids.append(torch.where(r["seq_ids"] >= 0, r["seq_ids"] + total, -1))
+        offsets.append(total)
+        total += n
+    batch = {
+        "input_ids": cat("input_ids")[None],
+        "position_ids": cat("position_ids")[None],
+        "targets": cat("targets")[None],
+        "seq_ids": torch.cat(seq_ids)[None],
+        "num_seqs": total,
+    }
+    if "is_chosen" in rows[0]:
+        pair_ids, is_chosen = cat("pair_ids"), cat("is_chosen")
+        chosen = torch.nonzero(is_chosen).flatten()
+        rejected = torch.nonzero(~is_chosen).flatten()
+        batch["chosen_index"] = chosen[torch.argsort(pair_ids[chosen])]
+        batch["rejected_index"] = rejected[torch.argsort(pair_ids[rejected])]
+        trained = batch["seq_ids"][0][batch["targets"][0] != -100]
+        batch["seq_target_tokens"] = torch.bincount(trained, minlength=total)
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = cat("ref_logps")
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}  # fmt: skip
+
+
+class WithReference:
+    """A PackedDataset whose rows also carry `ref_logps` fp32[S] (one per sequence)."""
+
+    def __init__(self, packed: PackedDataset, ref: list[torch.Tensor]):
+        if len(ref) != len(packed):
+            raise ValueError(f"ref: {len(ref)} rows of reference logps for {len(packed)} rows")
+        self.packed, self.ref = packed, ref
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def stats(self) -> dict:
+        return self.packed.stats()
+
+    def row(self, i: int) -> dict:
+        return {**self.packed.row(i), "ref_logps": self.ref[i]}
+
+
+@torch.no_grad()
+def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
+    """Sequence log-probs of every packed row under the current model (eval mode, no grad);
+    rank r computes rows r, r+W, ... and all ranks receive all of them."""
+    from r7b_fast import losses
+
+    dist, model = s.dist, s.model
+    was_training = model.training
+    model.eval()
+    n, world = len(packed), dist.world_size
+    mine: dict[int, torch.Tensor] = {}
+    for k in range(-(-n // world)):  # every rank runs the same number of forwards (FSDP)
+        i = min(k * world + dist.rank, n - 1)
+        batch = collate([packed.row(i)], dist.device)
+        with _autocast(s):
+            out = model(batch["input_ids"], position_ids=batch["position_ids"],
+                        targets=batch["targets"])  # fmt: skip
+        seq = losses.sequence_logps(out.token_logps[0].float(), batch["seq_ids"][0],
+                                    batch["num_seqs"])  # fmt: skip
+        mine[i] = seq.cpu()
+    model.train(was_training)
+    if not dist.distributed:
+        return [mine[i] for i in range(n)]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    merged = {i: v for part in gathered for i, v in part.items()}
+    return [merged[i] for i in range(n)]
+
+
+def _autocast(s):
+    if s.mixed and not s.dist.distributed:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def reference_rows(s, packed: PackedDataset, path: Path) -> WithReference:
+    """`packed` with reference logps: loaded from `path` if a previous attempt stored them,
+    else computed now (before any training step) and stored atomically by rank 0."""
+    path = Path(path)
+    if path.is_file():
+        return WithReference(packed, torch.load(path))
+    ref = compute_reference(s, packed)
+    if s.dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ref, tmp)
+        os.replace(tmp, path)
+    distributed.barrier(s.dist)
+    return WithReference(packed, ref)
+
+
+def round_prompts(cfg: Config, prompts: list[dict], r: int) -> list[dict]:
+    """Round r's `online.prompts_per_round` prompts: consecutive slices of one seeded
+    permutation of all prompts, wrapping around (no prompt repeats before all were used)."""
+    n, k = len(prompts), cfg.online.prompts_per_round
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
+    return [prompts[order[(r * k + j) % n]] for j in range(k)]
+
+
+def online_round_rows(s, prompts: list[dict], r: int):
+    """Round r's training rows (WithReference), or None when it produced no usable pair.
+
+    First attempt: sample from the current policy (r7b_fast.online_dpo.build_pairs), pack the
+    pairs, compute their reference log-probs under the same policy, store everything in
+    out/online/round_NNN.pt. A resumed run loads that file instead, so it trains on the same
+    pairs and reference the interrupted run had."""
+    from r7b_fast.online_dpo import build_pairs
+
+    cfg, path = s.cfg, s.out / "online" / f"round_{r:03d}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        packed = pack_pairs(cfg, s.tokenizer, saved["pairs"]) if saved["pairs"] else None
+        return WithReference(packed, saved["ref"]) if packed is not None else None
+    o = cfg.online
+    was_training = s.model.training
+    s.model.eval()
+    with _autocast(s):
+        pairs, stats = build_pairs(s.model, s.tokenizer, round_prompts(cfg, prompts, r),
+                                   o.reward, k=o.num_samples, max_new_tokens=o.max_new_tokens,
+                                   temperature=o.temperature, seed=cfg.run.seed * 1000 + r)  # fmt: skip
+    s.model.train(was_training)
+    packed = pack_pairs(cfg, s.tokenizer, pairs) if pairs else None
+    if packed is not None and len(packed) < s.dist.world_size:
+        packed = None
+    ref = compute_reference(s, packed) if packed is not None else []
+    s.logger.event("round", round=r, prompts=int(stats["num_prompts"]),
+                   pairs=len(pairs), skipped_ties=int(stats["num_tied"]), **stats)  # fmt: skip
+    s.logger.scalars(r, stats, prefix="online")
+    if s.dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"pairs": pairs, "stats": stats, "ref": ref}, tmp)
+        os.replace(tmp, path)
+    distributed.barrier(s.dist)
+    return WithReference(packed, ref) if packed is not None else None
