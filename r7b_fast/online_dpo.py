@@ -84,7 +84,7 @@ def _sample_and_score(model, tokenizer, rows, indices, reward_fn, opts) -> list[
 
     k = opts["k"]
     prompt_ids = [render_prompt(tokenizer, prompt_messages(r)) for r in rows]
-    stop = set(stop_token_ids(model, tokenizer))
+    stop = set(opts["stop_ids"])
     comps = generate(
         model,
         tokenizer,
@@ -95,6 +95,7 @@ def _sample_and_score(model, tokenizer, rows, indices, reward_fn, opts) -> list[
         top_p=opts["top_p"],
         seed=opts["seed"],
         batch_size=opts["batch_size"],
+        stop_ids=opts["stop_ids"],
         prompt_keys=indices,
     )
     texts = [[decode_completion(tokenizer, c) for c in per] for per in comps]
@@ -147,6 +148,7 @@ def build_pairs(
     batch_size: int = 32,
     min_margin: float = 0.0,
     missing_eos_penalty: float | None = None,
+    stop_ids: list[int] | None = None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Samples k answers per prompt from `model` (the current policy), scores them with
     `reward_fn`, and returns (preference_rows, stats).
@@ -159,6 +161,7 @@ def build_pairs(
     min_margin: a prompt whose best - worst score is <= this is skipped (counted as tied).
     missing_eos_penalty: subtracted from the score of a sample that hit max_new_tokens without
         its end-of-turn token, for choosing best/worst only (stats report the raw reward).
+    stop_ids: the ids that end an answer (default `generate.stop_token_ids(model, tokenizer)`).
 
     preference_rows: in prompt order, one per non-tied prompt, TRL conversational schema as
         `chat.render_preference` accepts: `prompt` (messages), `chosen`/`rejected`
@@ -181,7 +184,8 @@ def build_pairs(
     rank, world = _dist_world()
     indices = list(range(rank, len(prompt_rows), world))
     opts = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, batch_size=batch_size)  # fmt: skip
+                seed=seed, batch_size=batch_size,
+                stop_ids=list(stop_ids or stop_token_ids(model, tokenizer)))  # fmt: skip
     mine = _sample_and_score(model, tokenizer, [prompt_rows[i] for i in indices], indices,
                              reward_fn, opts)  # fmt: skip
     results = sorted(_gather(mine), key=lambda r: r["index"])

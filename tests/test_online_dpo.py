@@ -1,6 +1,8 @@
 """r7b_fast.online_dpo: pair selection, build_pairs against an independent recomputation, and an
 on-policy loop whose reward climbs on a tiny model (vs the same model untrained)."""
 
+import os
+
 import pytest
 import torch
 
@@ -171,3 +173,64 @@ def test_online_rounds_raise_the_reward(tok, rows, reward_module):
     _, base = build_pairs(untrained, tok, rows, reward, seed=103, **kw)
     assert history[-1] > base["reward_mean"] + 0.2, (history, base["reward_mean"])
     assert history[-1] > history[0] + 0.2, history
+
+
+def _fsdp_worker(rank, world, init_file, reward_dir, stop_ids, out_path):
+    """One rank: FSDP2-sharded tiny model (gloo, CPU), build_pairs on the shared prompt list."""
+    import json
+    import sys
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, reward_dir)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build_model(tiny_config(), seed=0)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        rows = generate_split("arith_ar", 5, 0, "train")
+        pairs, stats = build_pairs(model, load_tokenizer(), rows, "odpo_test_rewards:ascii_share",
+                                   k=3, max_new_tokens=8, seed=9, batch_size=3,
+                                   stop_ids=stop_ids)  # fmt: skip
+        with open(f"{out_path}.{rank}", "w") as f:
+            json.dump({"pairs": pairs, "stats": stats}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_give_the_single_process_result(tmp_path, tok, reward_module):
+    """5 prompts on 2 ranks (3 + 2: rank 1 runs a dummy batch) of an FSDP2-sharded model, with
+    ~25% of the vocabulary as stop ids so the ranks' rows finish at different steps: every rank
+    must keep joining the per-layer all-gathers (else this hangs) and all ranks must return the
+    single-process pairs and stats. Same fp32 CPU math on both sides: exact equality expected."""
+    import json
+    import sys
+    import time
+
+    import torch.multiprocessing as mp
+
+    stop_ids = [i for i in range(8, 1024) if i % 4 == 0] + [END_OF_TURN_ID]
+    out = tmp_path / "result"
+    reward_dir = next(p for p in sys.path if os.path.exists(os.path.join(p, f"{reward_module}.py")))
+    # fork: the children inherit the imports (spawn re-imports torch/transformers: ~40 s here);
+    # they compute with one thread, so no OpenMP pool is needed after the fork.
+    ctx = mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "init"), reward_dir, stop_ids,
+                             str(out)), nprocs=2, join=False, start_method="fork")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:  # a collective mismatch hangs: fail instead
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("2-rank build_pairs did not finish in 120 s (ranks out of step?)")
+    model = build_model(tiny_config(), seed=0)
+    rows = generate_split("arith_ar", 5, 0, "train")
+    pairs, stats = build_pairs(model, tok, rows, f"{reward_module}:ascii_share", k=3,
+                               max_new_tokens=8, seed=9, batch_size=3, stop_ids=stop_ids)  # fmt: skip
+    assert 0 < stats["frac_truncated"] < 1  # rows did stop at different steps
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert got["pairs"] == pairs and got["stats"] == pytest.approx(stats, abs=1e-12)
