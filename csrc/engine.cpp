@@ -113,7 +113,9 @@ Engine::Engine(std::vector<std::string> inputs, std::vector<std::string> outputs
     if (k.kind == kMerge && (k.in_dt < kF32 || k.in_dt > kBF16 || k.out_dt < kF32 || k.out_dt > kBF16))
       throw std::invalid_argument("task '" + k.name + "': bad dtype");
     max_src_ = std::max(max_src_, ns);
-    const int64_t step = k.kind == kMerge ? chunk_bytes_ / 4 : chunk_bytes_;
+    // elements per chunk: each input buffer and the output buffer hold at most chunk_bytes
+    const int64_t step = k.kind == kMerge ? chunk_bytes_ / std::max(dtype_size(k.in_dt), dtype_size(k.out_dt))
+                                          : chunk_bytes_;
     total_ += uint64_t(k.kind == kMerge ? k.numel * dtype_size(k.out_dt) : k.numel);
     for (int64_t b = 0; b < k.numel; b += step) chunks_.push_back({int(t), b, std::min(step, k.numel - b)});
   }

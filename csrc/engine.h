@@ -6,7 +6,7 @@
 // `out_dt` at `out_off` in output file `out_file`. A COPY task (non-floating tensors) reads
 // `numel` bytes from every source, checks that they are equal, and writes them.
 //
-// Execution: tasks are cut into chunks of at most `chunk_bytes / 4` elements. `threads` reader
+// Execution: tasks are cut into chunks of at most `chunk_bytes` bytes per buffer. `threads` reader
 // threads pread every source of a chunk into a free buffer slot; `threads` compute threads
 // combine and pwrite it. There are 2 * threads slots, so reading overlaps computing and memory
 // stays at 2 * threads * (max sources + 1) * chunk_bytes whatever the model size.

@@ -56,6 +56,7 @@ DTYPE_NAMES = {
     "float32": "F32", "fp32": "F32", "float": "F32",
 }  # fmt: skip
 MAX_HEADER = 100 * 1000 * 1000
+BUFFER_BUDGET = 128 << 20  # the engine's buffers, whatever the number of models or threads
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 COPIED_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
@@ -431,6 +432,22 @@ def _run_engine(engine, progress) -> None:
         raise err[0]
 
 
+def _participants(paths: list[Path], base, weights, method: str):
+    """(every model read: `paths` then the base if not among them, base index, weights aligned
+    with that list or None). A base that is not among `models` gets weight 0 in a linear merge."""
+    base_path = Path(base).resolve() if base is not None else None
+    everyone = list(paths)
+    if base_path is not None and base_path not in everyone:
+        everyone.append(base_path)
+    base_index = everyone.index(base_path) if base_path is not None else None
+    w = None if weights is None else [float(x) for x in weights]
+    if w is not None and len(w) != len(paths):
+        raise MergeError(f"weights: got {len(w)} for {len(paths)} models")
+    if len(everyone) > len(paths) and (w is not None or method == "linear"):
+        w = (w or [1.0] * len(paths)) + [0.0]
+    return everyone, base_index, w
+
+
 def merge_checkpoints(
     models,
     out,
@@ -458,6 +475,8 @@ def merge_checkpoints(
     max_shard_size: "5GB"-style or bytes. overwrite: replace an existing `out`.
     progress: None = a bar on a terminal, True/False, or callable(done_bytes, total_bytes).
     simd: "auto" (honours R7B_MERGE_SIMD) | "scalar" | "avx2" | "avx512".
+    chunk_bytes: bytes per buffer (>= 64; lowered, not below 64 KiB, so that all the engine's
+    buffers fit in BUFFER_BUDGET = 128 MiB).
     Returns a summary dict (coefficients, tensors, shards, bytes, seconds, simd, threads).
     Raises MergeError (a ValueError) for invalid input, FileExistsError for an existing `out`,
     OSError naming the file for I/O failures; `out` is untouched on any failure."""
@@ -480,27 +499,16 @@ def merge_checkpoints(
     max_shard = parse_size(max_shard_size)
     if max_shard <= 0:
         raise MergeError("max_shard_size must be positive")
-    base_path = Path(base).resolve() if base is not None else None
-    everyone = list(paths)
-    if base_path is not None and base_path not in everyone:
-        everyone.append(base_path)
-    base_index = everyone.index(base_path) if base_path is not None else None
+    everyone, base_index, w = _participants(paths, base, weights, method)
     for p in everyone:
         if out == p or p in out.parents:
             raise MergeError(f"out {str(out)!r} must not be (inside) input model {str(p)!r}")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"out {str(out)!r} exists (pass overwrite=True / --overwrite)")
-    w = None if weights is None else list(weights)
-    if w is not None and len(w) != len(paths):
-        raise MergeError(f"weights: got {len(w)} for {len(paths)} models")
-    if w is not None and len(everyone) > len(paths):
-        w.append(0.0)  # a base that is not among `models` does not enter a linear merge
-    elif w is None and len(everyone) > len(paths) and method == "linear":
-        w = [1.0] * len(paths) + [0.0]
     terms = coefficients(method, len(everyone), w, base_index, normalize)
     tensors = [read_model(p) for p in everyone]
     check_agree([str(p) for p in everyone], tensors)
-    src_dir = base_path if base_path is not None else paths[0]
+    src_dir = everyone[base_index if base_index is not None else 0]
     drop = _config(src_dir).get("tie_word_embeddings") is True
     lead = base_index if base_index is not None else 0
     plan, inputs = _plan(tensors, terms, lead, out_dtype, drop, max_shard)
@@ -512,7 +520,10 @@ def merge_checkpoints(
         _write_files(tmp, plan, src_dir, out_dtype)
         tasks = [t for _, _, ts, _ in plan for t in ts]
         outputs = [str(tmp / p[0]) for p in plan]
-        engine = _merge.Engine(inputs, outputs, tasks, threads, chunk_bytes, simd)
+        # engine buffers: 2 * threads slots of (sources + 1) chunks, kept under BUFFER_BUDGET
+        per_chunk = BUFFER_BUDGET // (2 * threads * (len(everyone) + 1))
+        chunk = min(chunk_bytes, max(64 << 10, per_chunk)) // 64 * 64
+        engine = _merge.Engine(inputs, outputs, tasks, threads, chunk, simd)
         _run_engine(engine, progress)
         _replace(tmp, out)
     except BaseException:

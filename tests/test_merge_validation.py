@@ -276,3 +276,27 @@ def test_cli_does_not_import_torch(tmp_path):
         assert "r7b_fast" in imported and not [x for x in imported if x.split(".")[0] == "torch"]
     assert "r7b_fast._merge" in imported and "merged 1 tensors" in r.stdout
     assert read_raw(tmp_path / "o")["a"][2] == bytes.fromhex("403f803f")  # bf16 0.75, 1.0
+
+
+RSS_CHILD = """
+import sys
+from r7b_fast.merge import merge_checkpoints
+merge_checkpoints(sys.argv[1:4], sys.argv[4], threads=2, progress=False)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(int(hwm.split()[1]) // 1024)
+"""
+
+
+def test_memory_stays_bounded_by_the_buffers_not_the_model(tmp_path):
+    """3 models of one 48 MB tensor each: a tensor-at-a-time merge would hold >= 144 MB; the
+    engine holds 2 * threads * (3 + 1) * 2 MiB = 32 MiB of buffers (plus the interpreter)."""
+    m = [
+        write_model(tmp_path / f"m{k}", {"a": ("F32", np.full(12_000_000, k, np.float32))})
+        for k in range(3)
+    ]
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, *map(str, m), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    peak_mib = int(r.stdout.split()[-1])
+    assert peak_mib < 90, f"peak RSS {peak_mib} MiB"
+    assert read_raw(tmp_path / "out")["a"][2][:8] == np.float32([1, 1]).tobytes()
