@@ -135,3 +135,33 @@ def test_bad_arguments_are_named(model, kw, name):
         generate(model, None, [[5, 6]], **kw)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate(model, None, [[]], max_new_tokens=2)
+
+
+def test_kernel_patched_model_generates_the_same(prompts):
+    """The trainer's policy is patched (r7b_fast.model.apply_kernels: packed-only varlen
+    attention, log-prob forward): generate swaps in SDPA for the call and restores the patch."""
+    from r7b_fast.model import apply_kernels
+
+    plain = build_model(tiny_config(initializer_range=0.3), seed=0)
+    want = generate(plain, None, prompts, max_new_tokens=MAX_NEW, temperature=0)
+    patched = apply_kernels(build_model(tiny_config(initializer_range=0.3), seed=0))
+    impl = patched.config._attn_implementation
+    assert impl not in ("sdpa", "eager")
+    assert generate(patched, None, prompts, max_new_tokens=MAX_NEW, temperature=0) == want
+    assert patched.config._attn_implementation == impl
+
+
+def test_generate_text_renders_chat_prompts_and_decodes(model):
+    from r7b_fast.data.chat import render_prompt
+    from r7b_fast.data.tokenizer import load_tokenizer
+    from r7b_fast.generate import generate_text
+
+    tok = load_tokenizer()
+    convo = [{"role": "system", "content": "أجب بعدد."}, {"role": "user", "content": "كم ٢+٣؟"}]
+    got = generate_text(model, tok, ["كم ٣+٤؟", convo], max_new_tokens=6, temperature=0)
+    ids = [render_prompt(tok, [{"role": "user", "content": "كم ٣+٤؟"}]), render_prompt(tok, convo)]
+    want = generate(model, tok, ids, max_new_tokens=6, temperature=0)
+    assert got == [[tok.decode(w[0], skip_special_tokens=True).strip()] for w in want]
+    assert all(isinstance(t, str) for per in got for t in per)
+    with pytest.raises(ValueError, match="prompt"):
+        generate_text(model, tok, [42], max_new_tokens=2)
