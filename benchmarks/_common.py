@@ -290,3 +290,36 @@ def write_results(name: str, payload: dict, table_md: str | None = None) -> list
         paths.append(out / f"{name}.md")
         paths[1].write_text(table_md.rstrip() + "\n")
     return paths
+
+
+def _print_env() -> int:
+    """`python -m benchmarks._common --env`: print env_info() and whether each peer imports;
+    also writes env.json into results_dir() (gpu_suite.sh consolidates it)."""
+    import importlib
+
+    info = env_info()
+    for mod in (
+        "liger_kernel",
+        "trl",
+        "datasets",
+        "mergekit",
+        "r7b_fast._merge",
+        "r7b_fast.kernels",
+    ):
+        try:
+            importlib.import_module(mod)
+            info[f"import {mod}"] = "ok"
+        except Exception as e:  # report every broken peer, keep going
+            info[f"import {mod}"] = f"{type(e).__name__}: {e}"[:200]
+    for k, v in info.items():
+        print(f"{k:>26}: {v}")
+    (results_dir() / "env.json").write_text(json.dumps(info, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--env"]:
+        sys.exit("usage: python -m benchmarks._common --env")
+    sys.exit(_print_env())

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# The whole GPU story in one call: correctness at real shapes, then timing against peers, then
+# end-to-end training steps; JSON + markdown under $OUT (or benchmarks/results/), summary last.
+#
+#   bash benchmarks/gpu_suite.sh              # on the GPU machine (device tool: carry .whl)
+#   bash benchmarks/gpu_suite.sh --dry-run    # CPU, tiny shapes, Triton interpreter (CI)
+#
+# Options: --dry-run | --no-install | --budget SECONDS (default 510 GPU, 600 dry-run) |
+#          --only step1,step2 (names below) | --with-gpu-tests (also `pytest -m gpu`)
+#
+# Order (each step has its own time budget, and every step is cut to what is left of the
+# global --budget, so one hang cannot eat the lease; a step with < 10 s left is skipped):
+#   install   .whl/*.whl -> /tmp/site (PYTHONPATH); pip install --no-build-isolation --no-deps -e .
+#   env       GPU, driver, torch/triton/transformers/peer versions, peers importable?
+#   check_*   each kernel's --check at real shapes vs its torch reference; a failure is LOUD,
+#             skips that kernel's timing and the end-to-end steps, and makes the exit code 1
+#   aot       python -m r7b_fast.kernels.aot (registers, spills, smem, wgmma for sm_90)
+#   time_*    each kernel's benchmark vs peers
+#   train     benchmarks/train_step.py: SFT + DPO steps, ours vs HF vs HF+Liger
+#   merge, packing   CPU-side benchmarks, when present
+# Files (the device machine returns at most 8, <= 2 folders deep): DEST/TAG.json, DEST/TAG.md,
+# DEST/TAG.log, TAG = <UTC date>-<card> (cpu-dryrun for --dry-run); every part writes into a
+# scratch folder ($R7B_RESULTS_DIR) that is consolidated after each step, so a killed run still
+# leaves its results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+DRY=0 INSTALL=1 BUDGET="" ONLY="" GPU_TESTS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --no-install) INSTALL=0 ;;
+    --budget) BUDGET=$2; shift ;;
+    --only) ONLY=",$2,"; shift ;;
+    --with-gpu-tests) GPU_TESTS=1 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  BUDGET=${BUDGET:-600}
+  CARD=cpu-dryrun
+else
+  BUDGET=${BUDGET:-510}
+  name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+  case "$name" in
+    *H100*) CARD=h100 ;; *H200*) CARD=h200 ;; *A100*) CARD=a100 ;;
+    "") echo "gpu_suite: no GPU found (nvidia-smi); use --dry-run on a CPU" >&2; exit 2 ;;
+    *) CARD=$(echo "$name" | tr -cd 'A-Za-z0-9' | tr 'A-Z' 'a-z' | cut -c1-16) ;;
+  esac
+fi
+TAG=$(date -u +%Y-%m-%d)-$CARD
+DEST=${OUT:-$REPO/benchmarks/results}
+mkdir -p "$DEST"
+PARTS=$(mktemp -d "${TMPDIR:-/tmp}/r7b-suite.XXXXXX")
+export R7B_RESULTS_DIR=$PARTS
+LOG=$DEST/$TAG.log
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+START=$(date +%s)
+FAILED=0
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+wanted() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
+
+record() { # step status seconds budget command
+  "$PY" - "$@" >>"$PARTS/steps.jsonl" <<'EOF'
+import json, sys
+s, st, sec, b, cmd = sys.argv[1:6]
+print(json.dumps({"step": s, "status": st, "seconds": int(sec), "budget_s": int(b), "command": cmd}))
+EOF
+}
+
+consolidate() {
+  "$PY" -m benchmarks.render_results --consolidate "$PARTS" --dest "$DEST" --tag "$TAG" >/dev/null ||
+    echo "gpu_suite: consolidation failed" >&2
+}
+
+# step NAME BUDGET_S CMD...: runs CMD under `timeout`, cut to the global budget; sets STATUS.
+step() {
+  local name=$1 budget=$2
+  shift 2
+  STATUS=skipped
+  if ! wanted "$name"; then return 0; fi
+  local avail=$(($(left) - 15))
+  if [ "$avail" -lt 10 ]; then
+    echo "=== [$name] SKIPPED: no time left in the ${BUDGET}s budget"
+    record "$name" "no-time" 0 "$budget" "$*"
+    return 0
+  fi
+  [ "$budget" -gt "$avail" ] && budget=$avail
+  echo "=== [$name] (budget ${budget}s, $(left)s left): $*"
+  local t0=$(date +%s) rc
+  timeout --kill-after=10 "$budget" "$@"
+  rc=$?
+  local dt=$(($(date +%s) - t0))
+  case $rc in
+    0) STATUS=ok ;;
+    124 | 137) STATUS=timeout ;;
+    *) STATUS="fail($rc)" ;;
+  esac
+  echo "=== [$name] $STATUS in ${dt}s"
+  record "$name" "$STATUS" "$dt" "$budget" "$*"
+  consolidate
+}
+
+# part NAME: present when benchmarks/NAME.py exists
+present() { [ -f "$REPO/benchmarks/$1.py" ]; }
+
+# ---------------------------------------------------------------------------- install
+if [ "$INSTALL" = 1 ] && wanted install; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    step install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "=== [install] no .whl/ wheels: peers must already be installed (bash benchmarks/make_wheels.sh)"
+  fi
+  if [ "$DRY" = 0 ]; then
+    step install_pkg 150 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+# ---------------------------------------------------------------------------- environment
+[ "$DRY" = 1 ] || step nvidia_smi 20 nvidia-smi
+step env 60 "$PY" -m benchmarks._common --env
+
+# ---------------------------------------------------------------------------- correctness
+# Each kernel benchmark's --check compares the kernel with its torch reference at the real
+# shapes (tiny shapes on the CPU) and exits non-zero when it is wrong.
+declare -A OK
+for k in linear_logprobs attention; do
+  OK[$k]=0
+  if present "$k"; then
+    step "check_$k" 120 "$PY" -m "benchmarks.$k" --check
+    if [ "$STATUS" = ok ] || ! wanted "check_$k"; then
+      OK[$k]=1
+    elif [ "$STATUS" != skipped ]; then
+      FAILED=1
+      echo "!!!!!!!!!!!!!!!! [check_$k] $STATUS: $k is WRONG or did not finish; its timing is skipped !!!!!!!!!!!!!!!!"
+    fi
+  else
+    echo "=== [check_$k] benchmarks/$k.py not present"
+    record "check_$k" "missing" 0 0 "benchmarks/$k.py"
+  fi
+done
+if [ "$GPU_TESTS" = 1 ] && [ "$DRY" = 0 ]; then
+  step gpu_tests 120 "$PY" -m pytest -q -m gpu tests
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
+fi
+
+# ---------------------------------------------------------------------------- AOT report
+step aot 60 "$PY" -m r7b_fast.kernels.aot
+
+# ---------------------------------------------------------------------------- kernel timing
+if [ "${OK[linear_logprobs]}" = 1 ]; then
+  step time_linear_logprobs 90 "$PY" -m benchmarks.linear_logprobs
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
+fi
+if [ "${OK[attention]}" = 1 ]; then
+  step time_attention 100 "$PY" -m benchmarks.attention --budget 75
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
+fi
+
+# ---------------------------------------------------------------------------- end to end
+if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ] || [ -n "$ONLY" ]; then
+  if [ "$DRY" = 1 ]; then
+    step train 240 "$PY" -m benchmarks.train_step --dry-run
+  else
+    step train 200 "$PY" -m benchmarks.train_step
+  fi
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
+else
+  echo "=== [train] skipped: a kernel check failed or is missing"
+  record train "skipped(check)" 0 0 "benchmarks/train_step.py"
+fi
+
+# ---------------------------------------------------------------------------- CPU-side parts
+if present merge; then
+  if [ "$DRY" = 1 ]; then
+    step merge 60 "$PY" -m benchmarks.merge --experts 2 --size-mb 4 --scale-experts "" --big 0 --reps 1
+  else
+    step merge 60 "$PY" -m benchmarks.merge --experts 3 --size-mb 400 --scale-experts "" --big 0 --reps 1
+  fi
+fi
+if present packing; then
+  if [ "$DRY" = 1 ]; then
+    step packing 60 "$PY" -m benchmarks.packing --n 20000 --reps 1
+  else
+    step packing 40 "$PY" -m benchmarks.packing
+  fi
+fi
+
+# ---------------------------------------------------------------------------- summary
+echo
+echo "=== gpu_suite $TAG: $(($(date +%s) - START))s; files: $DEST/$TAG.{json,md,log}"
+"$PY" -m benchmarks.render_results --consolidate "$PARTS" --dest "$DEST" --tag "$TAG" || FAILED=1
+rm -rf "$PARTS"
+if [ "$FAILED" = 1 ]; then
+  echo "gpu_suite: FAILED (see the steps above)"
+  exit 1
+fi
+echo "gpu_suite: ok"

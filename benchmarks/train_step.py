@@ -1,0 +1,563 @@
+"""End-to-end training-step benchmark: ours vs HF transformers vs HF + Liger, SFT and DPO.
+
+A Cohere2 with Command R7B's layer shapes (hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP
+14336, vocab 256000, window 4096, logit_scale, tied embeddings) and as many layers as fit the
+memory budget (default 78 GiB: one 80 GB card) with AdamW in bf16 params + fp32 state
+(`_e2e.plan_layers`, printed and stored). One optimizer step covers `--rows` packed rows of
+`--max-tokens` tokens drawn from realistic (lognormal) lengths; every variant trains on exactly
+the same sequences, so the same real tokens:
+
+| variant   | SFT                                                    | DPO (sigmoid, beta 0.1)                     |
+| --------- | ------------------------------------------------------ | ------------------------------------------- |
+| hf        | sdpa, padded micro-batches, `model(labels=...)`        | TRL-style: [2B, L] padded pairs, `.logits`, TRL's `selective_log_softmax` |
+| hf_liger  | sdpa, padded, Liger fused linear cross-entropy          | sdpa, padded pairs, Liger fused linear DPO   |
+| ours      | `apply_kernels`: packed rows, varlen attention, `linear_logprobs` | the same on packed pairs, `r7b_fast.losses.dpo_loss` |
+
+Padded micro-batches keep the data order and grow while batch x longest <= max_tokens (a
+generous baseline: no sort by length). DPO references are precomputed for every variant (fixed
+per pair), so no reference model is in memory; Liger's DPO gets `use_ref_model=False`, which
+costs the same as precomputed references. The learning rate defaults to 0: the optimizer does
+all its arithmetic but the weights stay put, so every variant sees the same model and their
+first-step losses must agree (checked: `loss_check`).
+
+Reported per variant: tokens/s of real (non-pad) tokens, MFU = model FLOPs of the real tokens
+(`_e2e.step_flops`) / time / the card's dense bf16 peak, peak memory, loss.
+
+    python -m benchmarks.train_step                      # GPU: R7B shapes
+    python -m benchmarks.train_step --device cpu --tiny  # CPU: tiny model, ours vs hf SFT
+    python -m benchmarks.train_step --dry-run            # CPU smoke test (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from benchmarks import _e2e
+from benchmarks._common import (
+    bench,
+    device_of,
+    env_info,
+    markdown_table,
+    peak_flops,
+    sync,
+    write_results,
+)
+
+VARIANTS = ("hf", "hf_liger", "ours")
+BETA = 0.1
+
+
+def build(cfg, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised Cohere2ForCausalLM made directly on `device` in `dtype`."""
+    from transformers import Cohere2ForCausalLM
+
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Cohere2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.train()
+
+
+def to_dev(d: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- SFT steps
+# Each returns a function doing one step's forward+backward over all micro-batches and giving the
+# step's loss (mean over the step's target tokens), detached.
+
+
+def sft_hf(model, batches, n_targets):
+    def run():
+        total = 0.0
+        for b in batches:
+            n = (b["labels"][:, 1:] != -100).sum()
+            out = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+            )
+            loss = out.loss * (n / n_targets)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+def sft_liger(model, batches, n_targets):
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss,
+    )
+
+    flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    scale, w = model.config.logit_scale, model.lm_head.weight
+
+    def run():
+        total = 0.0
+        for b in batches:
+            h = model.model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            ).last_hidden_state
+            h = h[:, :-1].reshape(-1, h.shape[-1]) * scale  # s * (h @ W.T) == (s * h) @ W.T
+            loss = flce(w, h, b["labels"][:, 1:].reshape(-1)) / n_targets
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+def sft_ours(model, rows, n_targets, backend="auto"):
+    from r7b_fast.model import apply_kernels
+
+    apply_kernels(model, backend=backend)
+
+    def run():
+        total = 0.0
+        for r in rows:
+            out = model(
+                r["input_ids"][None],
+                position_ids=r["position_ids"][None],
+                targets=r["targets"][None],
+            )
+            loss = -out.token_logps.sum() / n_targets
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+# ----------------------------------------------------------------------------- DPO steps
+
+
+def _dpo_sigmoid(pc, pr, rc, rr):
+    """-log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair (the DPO paper's loss, as TRL)."""
+    return -torch.nn.functional.logsigmoid(BETA * ((pc - rc) - (pr - rr)))
+
+
+def _selective_log_softmax():
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        return selective_log_softmax
+    except Exception:  # TRL missing or broken here: the same computation, plainly
+        return lambda logits, idx: torch.gather(logits.log_softmax(-1), -1, idx[..., None])[..., 0]
+
+
+def dpo_hf(model, batches, ref, n_pairs):
+    sls = _selective_log_softmax()
+
+    def run():
+        total = 0.0
+        for b in batches:
+            B = len(b["pair_index"])
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[
+                :, :-1
+            ]
+            labels = b["labels"][:, 1:]
+            mask = labels != -100
+            logp = sls(logits, labels.clamp(min=0)) * mask
+            seq = logp.sum(-1)
+            rc, rr = ref[b["pair_index"], 0], ref[b["pair_index"], 1]
+            loss = _dpo_sigmoid(seq[:B], seq[B:], rc, rr).sum() / n_pairs
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+def dpo_liger(model, batches, ref, n_pairs):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    on_cuda = model.lm_head.weight.is_cuda
+    dpo = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=on_cuda)
+    scale, w = model.config.logit_scale, model.lm_head.weight
+
+    def run():
+        total = 0.0
+        for b in batches:
+            B = len(b["pair_index"])
+            h = model.model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            ).last_hidden_state
+            out = dpo(w, h[:, :-1] * scale, b["labels"][:, 1:])
+            loss = (out[0] if isinstance(out, tuple) else out) * (B / n_pairs)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
+    from r7b_fast import losses
+    from r7b_fast.model import apply_kernels
+
+    apply_kernels(model, backend=backend)
+
+    def run():
+        total = 0.0
+        for r in rows:
+            tl = model(
+                r["input_ids"][None],
+                position_ids=r["position_ids"][None],
+                targets=r["targets"][None],
+            )
+            seq = losses.sequence_logps(tl.token_logps[0], r["seq_ids"], len(r["pair_ids"]))
+            ch, rj = r["is_chosen"], ~r["is_chosen"]
+            pairs = r["pair_ids"][ch]
+            loss, _ = losses.dpo_loss(
+                seq[ch], seq[rj], ref[pairs, 0], ref[pairs, 1], beta=BETA, kind="sigmoid"
+            )
+            loss = loss * (len(pairs) / n_pairs)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+# ----------------------------------------------------------------------------- data per stage
+
+
+def make_data(stage: str, cfg, args, rng) -> dict:
+    """The step's data for every variant: packed rows (ours) and padded batches (HF) holding the
+    same sequences; counts of real tokens, targets, pairs; the model FLOPs of one step."""
+    from r7b_fast.data.packing import pack_preference, pack_sft
+
+    T, median = args.max_tokens, args.median_len
+    n = max(64, 4 * args.rows * T // median)
+    if stage == "sft":
+        examples = _e2e.sample_sft(rng, n, cfg.vocab_size, median, T)
+        rows = _e2e.pick_rows(pack_sft(examples, T), args.rows, rng)
+        chosen = [int(i) for r in rows for i in r["example_ids"]]
+        rng.shuffle(chosen)  # HF sees them in a data-loader order, not packed order
+        seqs = [examples[i] for i in chosen]
+        batches = _e2e.pad_batches(seqs, T)
+        lens = [len(s[0]) for s in seqs]
+        n_targets = sum(sum(m[1:]) for _, m in seqs)
+        extra = {}
+    else:
+        pairs = _e2e.sample_pref(rng, n, cfg.vocab_size, median, T)
+        rows = _e2e.pick_rows(pack_preference(pairs, T), args.rows, rng)
+        ids = sorted({int(i) for r in rows for i in r["pair_ids"]})
+        local = {pid: k for k, pid in enumerate(ids)}
+        for r in rows:  # pair ids -> 0..P-1 so they index the reference table
+            r["pair_ids"] = torch.tensor([local[int(i)] for i in r["pair_ids"]])
+        order = rng.permutation(len(ids))
+        sel = [pairs[ids[k]] for k in order]
+        batches = _e2e.pad_pair_batches(sel, T)
+        for b in batches:  # batch positions -> the same 0..P-1 pair numbering
+            b["pair_index"] = torch.as_tensor(order[b["pair_index"].numpy()])
+        lens = [len(p) + len(c) for p, c, _ in sel] + [len(p) + len(r) for p, _, r in sel]
+        n_targets = sum(len(c) + len(r) for _, c, r in sel)
+        # precomputed reference log-probs, about what a random-init model gives per token
+        comp = torch.tensor(
+            [[len(c), len(r)] for p, c, r in (pairs[i] for i in ids)], dtype=torch.float32
+        )
+        ref = -np.log(cfg.vocab_size) * comp + torch.randn(
+            comp.shape, generator=torch.Generator().manual_seed(1)
+        )
+        extra = {"ref": ref, "n_pairs": len(ids)}
+    padded = sum(b["input_ids"].numel() for b in batches)
+    return {
+        "rows": rows,
+        "batches": batches,
+        "real_tokens": sum(lens),
+        "n_targets": n_targets,
+        "padded_tokens": padded,
+        "micro_batches_hf": len(batches),
+        "flops": _e2e.step_flops(cfg, lens, n_targets),
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- running
+
+
+STEP_FNS = {
+    "sft": {"hf": sft_hf, "hf_liger": sft_liger, "ours": sft_ours},
+    "dpo": {"hf": dpo_hf, "hf_liger": dpo_liger, "ours": dpo_ours},
+}
+
+
+def make_step(stage: str, variant: str, model, data: dict, opt, backend: str = "auto"):
+    """One optimizer step of `variant` on the stage's data: zero grads, fwd+bwd, AdamW."""
+    inputs = data["rows"] if variant == "ours" else data["batches"]
+    kw = {"backend": backend} if variant == "ours" else {}
+    if stage == "sft":
+        fwd_bwd = STEP_FNS[stage][variant](model, inputs, data["n_targets"], **kw)
+    else:
+        fwd_bwd = STEP_FNS[stage][variant](model, inputs, data["ref"], data["n_pairs"], **kw)
+    losses = []
+
+    def step():
+        opt.zero_grad()
+        losses.append(fwd_bwd())
+        opt.step()
+
+    return step, losses
+
+
+def run_variant(stage, variant, model, data, opt, device, args) -> dict:
+    """Time one variant; an error (OOM included) is recorded in the row, not raised."""
+    row = {"stage": stage, "variant": variant}
+    try:
+        step, losses = make_step(stage, variant, model, data, opt, args.backend)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = bench(step, device, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
+        sec = t["median_ms"] / 1e3
+        peak = peak_flops(device)
+        row.update(
+            step_ms=t["median_ms"],
+            reps=t["reps"],
+            tokens_per_s=data["real_tokens"] / sec,
+            mfu=data["flops"] / sec / peak if peak else None,
+            peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
+            loss=float(losses[0]),
+        )
+    except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        tb = traceback.format_exc(limit=-8)
+        print(
+            f"[train_step] {stage}/{variant} FAILED: {row['error']}\n{tb}",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:
+        opt.zero_grad()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def compare(rows: list[dict], tol: float) -> dict:
+    """Ratios of ours to each peer (tokens/s, peak memory) and the first-step loss agreement."""
+    out = {}
+    for stage in ("sft", "dpo"):
+        by = {r["variant"]: r for r in rows if r["stage"] == stage and "error" not in r}
+        ours = by.get("ours")
+        if not ours:
+            continue
+        for peer in ("hf", "hf_liger"):
+            if peer not in by:
+                continue
+            p = by[peer]
+            out[f"{stage}_speedup_vs_{peer}"] = ours["tokens_per_s"] / p["tokens_per_s"]
+            if ours.get("peak_mem_gib") and p.get("peak_mem_gib"):
+                out[f"{stage}_memory_vs_{peer}"] = ours["peak_mem_gib"] / p["peak_mem_gib"]
+        if "hf" in by:  # Liger's DPO runs without references, so only hf is comparable there
+            rel = abs(ours["loss"] - by["hf"]["loss"]) / max(abs(by["hf"]["loss"]), 1e-12)
+            out[f"{stage}_loss_rel_diff"] = rel
+            out[f"{stage}_loss_ok"] = rel <= tol
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="the tiny test model (CPU measurement)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU smoke test: tiny model, 1 row, 1 rep, Triton interpreter",
+    )
+    ap.add_argument("--layers", default="auto", help="decoder layers, or 'auto' (fit --budget-gib)")
+    ap.add_argument("--budget-gib", type=float, default=78.0, help="GPU memory to plan for")
+    ap.add_argument(
+        "--max-tokens", type=int, default=None, help="packed row length (8192; tiny 512)"
+    )
+    ap.add_argument(
+        "--median-len", type=int, default=None, help="median sequence length (500; tiny 48)"
+    )
+    ap.add_argument(
+        "--rows", type=int, default=None, help="packed rows per optimizer step (4; tiny 2)"
+    )
+    ap.add_argument("--stages", default="sft,dpo")
+    ap.add_argument(
+        "--variants", default=None, help="default: all on GPU/dry-run; hf,ours with --tiny"
+    )
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--max-seconds", type=float, default=30.0, help="stop timing a variant after this"
+    )
+    ap.add_argument(
+        "--lr", type=float, default=0.0, help="0: weights stay put (see the module doc)"
+    )
+    ap.add_argument(
+        "--name", default=None, help="results file stem (default train_step[_cpu_tiny])"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "triton", "torch"],
+        help="our kernels' backend (default auto; torch with --dry-run, see below)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1: the shared 2-core CI machine is "
+        "oversubscribed; more threads ran 10x slower there)",
+    )
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.tiny, args.device = True, "cpu"
+        args.warmup, args.reps = 0, 1
+        args.max_tokens = args.max_tokens or 128
+        args.median_len = args.median_len or 24
+        args.rows = args.rows or 1
+        # Through the Triton interpreter one tiny step of ours takes minutes on a 2-core CI
+        # machine; the suite's check steps run the Triton paths, this proves the plumbing.
+        args.backend = args.backend or "torch"
+    args.backend = args.backend or "auto"
+    small = args.tiny
+    args.variants = args.variants or (
+        "hf,ours" if small and not args.dry_run else ",".join(VARIANTS)
+    )
+    args.max_tokens = args.max_tokens or (512 if small else 8192)
+    args.median_len = args.median_len or (48 if small else 500)
+    args.rows = args.rows or (2 if small else 4)
+    args.name = args.name or (
+        "train_step_dryrun" if args.dry_run else "train_step_cpu_tiny" if small else "train_step"
+    )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = device_of(None if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.dry_run and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be on before `import triton` (transformers may already have
+        # imported it: triton.language's own @jit helpers are then compiled-mode): start afresh.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        os.execve(
+            sys.executable, [sys.executable, "-m", "benchmarks.train_step", *sys.argv[1:]], env
+        )
+    plan = None if args.tiny else _e2e.plan_layers(args.budget_gib, args.max_tokens)
+    layers = None if args.tiny else (plan["layers"] if args.layers == "auto" else int(args.layers))
+    cfg = _e2e.model_config(layers, tiny=args.tiny)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rng = np.random.default_rng(args.seed)
+    stages = [s for s in args.stages.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [s for s in stages if s not in STEP_FNS] + [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"--stages/--variants: unknown {bad}")
+    data = {s: _e2e_to_device(make_data(s, cfg, args, rng), device) for s in stages}
+    t0 = time.perf_counter()
+    model = build(cfg, device, dtype)
+    opt = _e2e.AdamWFp32State(list(model.parameters()), lr=args.lr)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"[train_step] {cfg.num_hidden_layers} layers, {n_params / 1e9:.3f} B params, {dtype}, "
+        f"{device}; built in {time.perf_counter() - t0:.1f}s; plan: {plan}",
+        flush=True,
+    )
+    rows = []
+    # HF-based variants first: `ours` patches the model in place (apply_kernels).
+    for variant in [v for v in VARIANTS if v in variants]:
+        for stage in stages:
+            rows.append(run_variant(stage, variant, model, data[stage], opt, device, args))
+            r = rows[-1]
+            r.update(
+                real_tokens=data[stage]["real_tokens"],
+                pad_fraction=1
+                - data[stage]["real_tokens"]
+                / (
+                    data[stage]["padded_tokens"]
+                    if variant != "ours"
+                    else args.rows * args.max_tokens
+                ),
+            )
+            print(f"[train_step] {stage}/{variant}: {r}", flush=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    payload = {
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "sliding_window",
+                "logit_scale",
+            )
+        },
+        "params": n_params,
+        "dtype": str(dtype),
+        "plan": plan,
+        "args": vars(args),
+        "data": {
+            s: {
+                k: data[s][k]
+                for k in ("real_tokens", "n_targets", "padded_tokens", "micro_batches_hf", "flops")
+            }
+            for s in stages
+        },
+        "rows": rows,
+        "compare": compare(rows, tol),
+        "loss_tolerance": tol,
+        "env": env_info(device),
+    }
+    table = markdown_table(
+        rows,
+        [
+            "stage",
+            "variant",
+            "tokens_per_s",
+            "mfu",
+            "peak_mem_gib",
+            "step_ms",
+            "pad_fraction",
+            "loss",
+            "error",
+        ],
+    )
+    table += "\n\n" + markdown_table([payload["compare"]]) if payload["compare"] else ""
+    paths = write_results(args.name, payload, table)
+    print(table)
+    print(f"[train_step] wrote {', '.join(map(str, paths))}")
+    ok = all("error" not in r for r in rows if r["variant"] == "ours") and all(
+        v for k, v in payload["compare"].items() if k.endswith("_loss_ok")
+    )
+    return 0 if ok else 1
+
+
+def _e2e_to_device(data: dict, device) -> dict:
+    data["rows"] = [to_dev(r, device) for r in data["rows"]]
+    data["batches"] = [to_dev(b, device) for b in data["batches"]]
+    if "ref" in data:
+        data["ref"] = data["ref"].to(device)
+    sync(device)
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())
