@@ -246,17 +246,17 @@ def generate(
     stop_ids: ids that end a completion (default `stop_token_ids(model, tokenizer)`).
     batch_size: rows (prompt x sample) per forward; prompts are sorted by length to cut padding.
     An empty prompt list returns [] (under torch.distributed it still joins the other ranks'
-    forwards). Returns out[i][j] = completion ids of sample j of prompt i, without the prompt, ending with the
-    stop token that ended it (absent if max_new_tokens was reached first).
+    forwards). Returns out[i][j] = the completion ids of sample j of prompt i, without the
+    prompt, ending with the stop token that ended it (absent if max_new_tokens came first).
     """
     _check_args(
         prompt_ids, prompt_keys, max_new_tokens, num_samples, temperature, top_p, batch_size
     )
+    dist = torch.distributed
+    sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-    dist = torch.distributed
-    sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     opts = dict(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -266,30 +266,36 @@ def generate(
         stop_ids=list(stop_ids) if stop_ids else stop_token_ids(model, tokenizer),
         sync=sync,
     )
-    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(num_samples)]
-    rows.sort(key=lambda r: -len(prompt_ids[r[0]]))
-    batches = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
-    n_batches = len(batches)
-    if sync:  # every rank must run the same number of forwards (FSDP all-gathers per layer)
-        n = torch.tensor(n_batches, device=next(model.parameters()).device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        n_batches = int(n.item())
+    keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
+    batches = _plan_batches(model, prompt_ids, num_samples, batch_size, sync)
     out: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prompt_ids]
     with generation_mode(model):
-        for b in range(n_batches):
-            if b >= len(batches):  # dummy batch: keeps this rank in step with the others
+        for batch in batches:
+            if not batch:  # dummy batch: keeps this rank in step with the others
                 _generate_batch(model, [[opts["pad_id"]]], [0], [True], opts=opts)
                 continue
-            batch = batches[b]
             prompts = [list(prompt_ids[i]) for i, _ in batch]
-            keys = [
-                (i if prompt_keys is None else prompt_keys[i]) * num_samples + j for i, j in batch
-            ]
+            row_keys = [keys[i] * num_samples + j for i, j in batch]
+            done = [False] * len(batch)
             for (i, j), comp in zip(
-                batch, _generate_batch(model, prompts, keys, [False] * len(batch), opts=opts)
+                batch, _generate_batch(model, prompts, row_keys, done, opts=opts)
             ):
                 out[i][j] = comp
     return out
+
+
+def _plan_batches(model, prompt_ids, num_samples: int, batch_size: int, sync: bool) -> list:
+    """Rows (prompt i, sample j) sorted by prompt length (less padding), cut into batches; under
+    `sync`, empty batches are appended so every rank runs as many as the busiest one (FSDP
+    all-gathers parameters inside each forward: a rank that stopped early would hang the rest)."""
+    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(num_samples)]
+    rows.sort(key=lambda r: -len(prompt_ids[r[0]]))
+    batches = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
+    if sync:
+        n = torch.tensor(len(batches), device=next(model.parameters()).device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        batches += [[] for _ in range(int(n.item()) - len(batches))]
+    return batches
 
 
 def _as_messages(prompt) -> list[dict]:
