@@ -110,6 +110,28 @@ def test_all_tied_prompts_are_counted_and_skipped(tok, rows, reward_module):
     assert stats["reward_mean"] == 0.5 and stats["margin_mean"] == 0.0
 
 
+def test_missing_eos_penalty_prefers_finished_answers(tok, rows, reward_module):
+    """Constant reward + penalty: a pair exactly where a prompt has both a finished and a
+    truncated sample; chosen is a finished one. ~25% of the vocabulary stops an answer here."""
+    model = build_model(tiny_config(), seed=0)
+    stop = [i for i in range(8, 1024) if i % 4 == 0] + [END_OF_TURN_ID]
+    kw = dict(k=3, max_new_tokens=4, seed=2, stop_ids=stop)
+    pairs, stats = build_pairs(model, tok, rows[:8], f"{reward_module}:constant",
+                               missing_eos_penalty=1.0, **kw)  # fmt: skip
+    prompts = [render_prompt(tok, prompt_messages(r)) for r in rows[:8]]
+    comps = generate(model, tok, prompts, max_new_tokens=4, num_samples=3, seed=2, stop_ids=stop)
+    mixed = []
+    for per in comps:
+        ended = [c[-1] in stop for c in per]
+        texts = [decode_completion(tok, c) for c in per]
+        if any(ended) and not all(ended):
+            mixed.append((texts[ended.index(True)], texts[ended.index(False)]))
+    got = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs]
+    assert got == [m for m in mixed if m[0] != m[1]] and len(got) >= 2
+    assert all((p["chosen_reward"], p["rejected_reward"]) == (0.5, -0.5) for p in pairs)
+    assert stats["reward_mean"] == 0.5 and 0 < stats["frac_truncated"] < 1
+
+
 @pytest.mark.parametrize(
     "kw, match", [(dict(k=1), "k must"), (dict(k=2, temperature=0.0), "temperature")]
 )
