@@ -147,7 +147,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
 
 
 def _aot_specs() -> list[AotSpec]:
-    """The bf16, head-dim-128, causal+window configs the GPU runs, for all three kernels."""
+    """The bf16, head-dim-128 configs the GPU runs: the three attention kernels (causal, and
+    causal + window) and the small Delta = rowsum(dO * O) kernel of the backward."""
     ptr, i32, f32 = "*bf16", "i32", "fp32"
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "LSE": "*fp32", "CU": "*i32"}
     fwd_sig |= dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
@@ -179,6 +180,18 @@ def _aot_specs() -> list[AotSpec]:
                     label=f"{name.split(':')[1]}[bf16,d128,{'window' if has_window else 'causal'}]",
                 )
             )
+    delta_sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": i32, "stride_oh": i32}
+    delta_sig |= {"T": i32, "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr"}
+    specs.append(
+        AotSpec(
+            target="r7b_fast.kernels.attention_bwd:attn_bwd_delta_kernel",
+            signature=delta_sig,
+            constexprs={"HEAD_DIM": 128, "BLOCK_T": 64},
+            num_warps=4,
+            num_stages=1,
+            label="attn_bwd_delta_kernel[bf16,d128]",
+        )
+    )
     return specs
 
 

@@ -164,6 +164,20 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, st
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def attn_bwd_delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, T, HEAD_DIM: tl.constexpr,
+                          BLOCK_T: tl.constexpr):  # fmt: skip
+    """DELTA[h, t] = sum_d Out[t, h, d] * DO[t, h, d] in fp32 (Out and DO share strides)."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    ok = rows[:, None] < T
+    o = tl.load(Out + ptrs, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
 # GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim. At D=128 larger tiles (and
 # the forward's split into masked/unmasked loops) need > 255 registers and spill to the stack
 # on sm_90 (AOT-measured: 64x128 and 128x64 tiles give 250-1000 B of stack per thread).
@@ -176,13 +190,17 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scal
     T, Hq, D = q.shape
     Hk = k.shape[1]
     B = cu_seqlens.numel() - 1
-    do = do.contiguous()
-    # Delta_i = rowsum(dO * O) in fp32, laid out [Hq, T] like lse
-    delta = torch.einsum("thd,thd->ht", do.float(), out.float()).contiguous()
+    do = do.contiguous()  # same strides as out (contiguous from attn_fwd)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if B == 0 or T == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     interp = interpreting()
+    # Delta_i = rowsum(dO * O) in fp32, laid out [Hq, T] like lse (no fp32 copies of dO and O)
+    delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    block_t = INTERP_BLOCK if interp else 64  # 64 as in AOT_SPECS
+    attn_bwd_delta_kernel[(triton.cdiv(T, block_t), Hq)](
+        out, do, delta, do.stride(0), do.stride(1), T, HEAD_DIM=D, BLOCK_T=block_t
+    )
     common = dict(
         GROUP=Hq // Hk, HEAD_DIM=D, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
         CAST=interp and q.dtype != torch.float32, DOT_PREC=dot_precision(q.dtype),
