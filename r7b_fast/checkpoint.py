@@ -14,11 +14,13 @@ half-written one. The HF export (`export_hf`) is written the same way (`hf.tmp` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,8 @@ def save(
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _single_process_quiet(dist):
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"state_rank{dist.rank}.pt")
     barrier(dist)
     if dist.is_main:
@@ -109,6 +112,15 @@ def save(
         _prune(Path(root), keep_last)
     barrier(dist)
     return final
+
+
+@contextlib.contextmanager
+def _single_process_quiet(dist: Dist):
+    """DCP warns that it assumes one process when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        if not dist.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -126,7 +138,8 @@ def load(
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet(dist):
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rank_file = path / f"state_rank{dist.rank}.pt"

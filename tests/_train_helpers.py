@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 # 4 layers (3 sliding + 1 global) but 32 wide: a step on 2 x 128 tokens takes ~0.1 s on one core.
 TINY = (
     "model.tiny_overrides={hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, "
@@ -34,3 +37,12 @@ def events(out: Path, name: str) -> list[dict]:
 def length_reward(prompt_rows, completions) -> list[float]:
     """A `module:function` reward that rarely ties (an untrained policy fails every verifier)."""
     return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (the CI machine's cores are shared; more threads are slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,18 +6,11 @@ import json
 import pytest
 import torch
 import yaml
-from _train_helpers import COMMON, events, metrics
+from _train_helpers import COMMON, events, metrics, one_thread  # noqa: F401 (fixture)
 
 from r7b_fast import checkpoint, train
 from r7b_fast.config import ConfigError, load_config
 from r7b_fast.distributed import Dist
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def run(tmp_path, name, *overrides):

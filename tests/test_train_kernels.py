@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from r7b_fast import train
 from r7b_fast.data.packing import pack_sft
