@@ -15,6 +15,8 @@
 
 namespace r7b {
 
+constexpr size_t kMaxSources = 256;
+
 void kernel_scalar(const Block& b) { kernel_scalar_range(b, 0); }
 
 std::vector<std::string> available_simd() {
@@ -112,6 +114,7 @@ Engine::Engine(std::vector<std::string> inputs, std::vector<std::string> outputs
         throw std::invalid_argument("task '" + k.name + "': bad input file or offset");
     if (k.kind == kMerge && (k.in_dt < kF32 || k.in_dt > kBF16 || k.out_dt < kF32 || k.out_dt > kBF16))
       throw std::invalid_argument("task '" + k.name + "': bad dtype");
+    if (ns > kMaxSources) throw std::invalid_argument("task '" + k.name + "': more than 256 sources");
     max_src_ = std::max(max_src_, ns);
     // elements per chunk: each input buffer and the output buffer hold at most chunk_bytes
     const int64_t step = k.kind == kMerge ? chunk_bytes_ / std::max(dtype_size(k.in_dt), dtype_size(k.out_dt))
@@ -155,7 +158,7 @@ void Engine::compute_chunk(const Chunk& c, Slot& s) {
     nbytes = c.count;
     off = k.out_off + c.begin;
   } else {
-    const void* src[256];
+    const void* src[kMaxSources];
     for (size_t j = 0; j < ns; ++j) src[j] = s.buf.data() + j * chunk_bytes_;
     char* dst = s.buf.data() + max_src_ * chunk_bytes_;
     kernel_(Block{src, k.coef.data(), int(ns), k.in_dt, k.out_dt, size_t(c.count), dst});
@@ -237,7 +240,6 @@ void Engine::run() {
     if (fd < 0) throw IoError(errno_msg("cannot open output", p));
     out_fd_.push_back(fd);
   }
-  if (max_src_ > 256) throw std::invalid_argument("at most 256 sources per tensor");
   const int nslots = 2 * threads_;
   slots_.assign(size_t(nslots), Slot{});
   free_.clear();
