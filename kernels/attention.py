@@ -23,7 +23,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, dtypes=DTYPES) -> None:
-    """Raise ValueError naming the bad argument; one device sync to read cu_seqlens."""
+    """Raise ValueError naming the bad argument; one device sync to read cu_seqlens (skipped
+    under torch.compile, which would break the graph there)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim]")
@@ -52,6 +53,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, dtypes=DTYPES
             raise ValueError("window needs causal=True (query i sees keys i-window < j <= i)")
         if int(window) != window or window < 1:
             raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if torch.compiler.is_compiling():
+        return  # the value checks below read cu_seqlens on the host: a graph break
     lens = torch.diff(cu_seqlens)
     first, last, min_len, max_len = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lens.min() if lens.numel() else cu_seqlens[0] * 0,
@@ -94,21 +97,48 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, wind
     return torch.cat(outs)
 
 
-class VarlenAttention(torch.autograd.Function):
-    """Triton forward (saves lse) and backward (dK/dV kernel, then dQ kernel)."""
+# The Triton path as torch custom ops (forward saving lse; backward = Delta, dK/dV, dQ kernels)
+# with a registered autograd and fake (shape-only) implementations, so torch.compile can trace a
+# model around the kernels without graph breaks. window <= 0 means no window (ops take no None).
+@torch.library.custom_op("r7b_fast::varlen_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+            max_seqlen: int, causal: bool, window: int, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window if window > 0 else None, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
-        out, lse = attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.opts = (max_seqlen, causal, window, scale)
-        return out
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = attn_bwd(do, q, k, v, out, lse, cu_seqlens, *ctx.opts)
-        return dq, dk, dv, None, None, None, None, None
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("r7b_fast::varlen_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            causal: bool, window: int, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    win = window if window > 0 else None
+    return attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, win, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, *opts = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.opts = opts  # max_seqlen, causal, window, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.opts)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=None,
@@ -142,8 +172,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
         return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, causal=causal,
                                       window=window, softmax_scale=scale)  # fmt: skip
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    win = None if window is None else int(window)
-    return VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), win, scale)
+    win = 0 if window is None else int(window)
+    return _fwd_op(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), win, scale)[0]
 
 
 def _aot_specs() -> list[AotSpec]:

@@ -142,3 +142,23 @@ def _bad(**over):
 def test_bad_inputs_raise_clear_errors(over, msg):
     with pytest.raises(ValueError, match=msg):
         _bad(**over)()
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """The Triton path is a torch custom op with fake shapes and registered autograd, so a model
+    around it compiles as one graph (fullgraph=True raises on a break)."""
+    q, k, v, do, cu = make([3, 9], 2, 1, 16, torch.float32, seed=3)
+
+    def f(q, k, v):
+        return varlen_attention(q * 2, k, v, cu, 9, window=4).sin()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves, do)
+    leaves_e = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_e = f(*leaves_e)
+    grads_e = torch.autograd.grad(out_e, leaves_e, do)
+    torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
