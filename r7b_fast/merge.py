@@ -409,7 +409,8 @@ def _run_engine(engine, progress) -> None:
     if progress is True:
         from tqdm import tqdm
 
-        bar = tqdm(total=engine.total_bytes, unit="B", unit_scale=True, desc="merge")
+        bar = tqdm(total=engine.total_bytes, unit="B", unit_scale=True, desc="merge",
+                   file=sys.stderr, disable=False)  # fmt: skip
         report = lambda done, total: bar.update(done - bar.n)
     else:
         bar, report = None, progress if callable(progress) else (lambda done, total: None)
