@@ -184,7 +184,8 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         token_logps = losses.token_logps(
             self, input_ids, position_ids, targets, backend=state["backend"], **kwargs
         )
-        return TokenLogpsOutput(token_logps=token_logps)
+        # a fresh tensor, not a view: FSDP2 hooks the root output for backward
+        return TokenLogpsOutput(token_logps=token_logps.clone())
     return _hf_labels_loss(self, input_ids, position_ids, kwargs, state["backend"])
 
 
