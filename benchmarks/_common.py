@@ -292,20 +292,16 @@ def write_results(name: str, payload: dict, table_md: str | None = None) -> list
     return paths
 
 
-def _print_env() -> int:
-    """`python -m benchmarks._common --env`: print env_info() and whether each peer imports;
-    also writes env.json into results_dir() (gpu_suite.sh consolidates it)."""
+PEERS = ("liger_kernel", "trl", "datasets", "mergekit", "r7b_fast._merge", "r7b_fast.kernels")
+
+
+def _print_env(imports: bool = True) -> int:
+    """`python -m benchmarks._common --env [--no-imports]`: print env_info() and whether each
+    peer imports; also writes env.json into results_dir() (gpu_suite.sh consolidates it)."""
     import importlib
 
     info = env_info()
-    for mod in (
-        "liger_kernel",
-        "trl",
-        "datasets",
-        "mergekit",
-        "r7b_fast._merge",
-        "r7b_fast.kernels",
-    ):
+    for mod in PEERS if imports else ():
         try:
             importlib.import_module(mod)
             info[f"import {mod}"] = "ok"
@@ -320,6 +316,6 @@ def _print_env() -> int:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] != ["--env"]:
-        sys.exit("usage: python -m benchmarks._common --env")
-    sys.exit(_print_env())
+    if sys.argv[1:2] != ["--env"] or sys.argv[2:] not in ([], ["--no-imports"]):
+        sys.exit("usage: python -m benchmarks._common --env [--no-imports]")
+    sys.exit(_print_env(imports=sys.argv[2:] == []))

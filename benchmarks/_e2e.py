@@ -56,7 +56,7 @@ def layer_matmul_params(cfg: Cohere2Config) -> int:
     return 2 * q + kv + 3 * h * i
 
 
-def plan_layers(budget_gib: float, tokens: int, reserve_gib: float = 3.0) -> dict:
+def plan_layers(budget_gib: float, tokens: int, reserve_gib: float = 4.0) -> dict:
     """How many R7B-shaped layers fit `budget_gib` of GPU memory with AdamW (bf16 params and
     grads, fp32 exp_avg/exp_avg_sq: 12 B/param), a micro-batch of `tokens` tokens, no activation
     checkpointing, and `reserve_gib` for the CUDA context, cuBLAS workspaces and fragmentation.
@@ -213,6 +213,58 @@ def pad_pair_batches(pairs: list[tuple], budget: int, pad_id: int = 0) -> list[d
         cur.append((k, (p, c, r)))
     flush()
     return out
+
+
+def make_data(stage: str, cfg, args, rng) -> dict:
+    """The step's data for every variant: packed rows (ours) and padded batches (HF) holding the
+    same sequences; counts of real tokens, targets, pairs; the model FLOPs of one step."""
+    from r7b_fast.data.packing import pack_preference, pack_sft
+
+    T, median = args.max_tokens, args.median_len
+    n = max(64, 4 * args.rows * T // median)
+    if stage == "sft":
+        examples = sample_sft(rng, n, cfg.vocab_size, median, T)
+        rows = pick_rows(pack_sft(examples, T), args.rows, rng)
+        chosen = [int(i) for r in rows for i in r["example_ids"]]
+        rng.shuffle(chosen)  # HF sees them in a data-loader order, not packed order
+        seqs = [examples[i] for i in chosen]
+        batches = pad_batches(seqs, T)
+        lens = [len(s[0]) for s in seqs]
+        n_targets = sum(sum(m[1:]) for _, m in seqs)
+        extra = {}
+    else:
+        pairs = sample_pref(rng, n, cfg.vocab_size, median, T)
+        rows = pick_rows(pack_preference(pairs, T), args.rows, rng)
+        ids = sorted({int(i) for r in rows for i in r["pair_ids"]})
+        local = {pid: k for k, pid in enumerate(ids)}
+        for r in rows:  # pair ids -> 0..P-1 so they index the reference table
+            r["pair_ids"] = torch.tensor([local[int(i)] for i in r["pair_ids"]])
+        order = rng.permutation(len(ids))
+        sel = [pairs[ids[k]] for k in order]
+        batches = pad_pair_batches(sel, T)
+        for b in batches:  # batch positions -> the same 0..P-1 pair numbering
+            b["pair_index"] = torch.as_tensor(order[b["pair_index"].numpy()])
+        lens = [len(p) + len(c) for p, c, _ in sel] + [len(p) + len(r) for p, _, r in sel]
+        n_targets = sum(len(c) + len(r) for _, c, r in sel)
+        # precomputed reference log-probs, about what a random-init model gives per token
+        comp = torch.tensor(
+            [[len(c), len(r)] for p, c, r in (pairs[i] for i in ids)], dtype=torch.float32
+        )
+        ref = -np.log(cfg.vocab_size) * comp + torch.randn(
+            comp.shape, generator=torch.Generator().manual_seed(1)
+        )
+        extra = {"ref": ref, "n_pairs": len(ids)}
+    padded = sum(b["input_ids"].numel() for b in batches)
+    return {
+        "rows": rows,
+        "batches": batches,
+        "real_tokens": sum(lens),
+        "n_targets": n_targets,
+        "padded_tokens": padded,
+        "micro_batches_hf": len(batches),
+        "flops": step_flops(cfg, lens, n_targets),
+        **extra,
+    }
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -116,7 +116,11 @@ present() { [ -f "$REPO/benchmarks/$1.py" ]; }
 
 # ---------------------------------------------------------------------------- install
 if [ "$INSTALL" = 1 ] && wanted install; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if ls .whl/*.whl >/dev/null 2>&1 && [ "$DRY" = 1 ]; then
+    # CPU: the venv already has the peers; prove the wheel set resolves for the GPU's Python 3.12.
+    step install 60 "$PY" -m pip install -q --dry-run --no-index --no-deps --only-binary=:all: \
+      --python-version 3.12 --platform manylinux2014_x86_64 --target /tmp/r7b-site-dry .whl/*.whl
+  elif ls .whl/*.whl >/dev/null 2>&1; then
     step install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -131,7 +135,11 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 # ---------------------------------------------------------------------------- environment
 [ "$DRY" = 1 ] || step nvidia_smi 20 nvidia-smi
-step env 60 "$PY" -m benchmarks._common --env
+if [ "$DRY" = 1 ]; then
+  step env 60 "$PY" -m benchmarks._common --env --no-imports
+else
+  step env 60 "$PY" -m benchmarks._common --env
+fi
 
 # ---------------------------------------------------------------------------- correctness
 # Each kernel benchmark's --check compares the kernel with its torch reference at the real
@@ -161,12 +169,15 @@ fi
 step aot 60 "$PY" -m r7b_fast.kernels.aot
 
 # ---------------------------------------------------------------------------- kernel timing
+# (--dry-run: the smallest shapes and budgets: it proves the plumbing, times nothing useful)
+if [ "$DRY" = 1 ]; then LL_ARGS=(--reps 1 --shape 16 32 40) ATT_ARGS=(--budget 5); else
+  LL_ARGS=() ATT_ARGS=(--budget 75); fi
 if [ "${OK[linear_logprobs]}" = 1 ]; then
-  step time_linear_logprobs 90 "$PY" -m benchmarks.linear_logprobs
+  step time_linear_logprobs 90 "$PY" -m benchmarks.linear_logprobs ${LL_ARGS[@]+"${LL_ARGS[@]}"}
   [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi
 if [ "${OK[attention]}" = 1 ]; then
-  step time_attention 100 "$PY" -m benchmarks.attention --budget 75
+  step time_attention 100 "$PY" -m benchmarks.attention ${ATT_ARGS[@]+"${ATT_ARGS[@]}"}
   [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi
 
@@ -186,14 +197,15 @@ fi
 # ---------------------------------------------------------------------------- CPU-side parts
 if present merge; then
   if [ "$DRY" = 1 ]; then
-    step merge 60 "$PY" -m benchmarks.merge --experts 2 --size-mb 4 --scale-experts "" --big 0 --reps 1
+    step merge 60 "$PY" -m benchmarks.merge --experts 2 --size-mb 4 --scale-experts "" --big 0 --reps 1 \
+      --no-mergekit
   else
     step merge 60 "$PY" -m benchmarks.merge --experts 3 --size-mb 400 --scale-experts "" --big 0 --reps 1
   fi
 fi
 if present packing; then
   if [ "$DRY" = 1 ]; then
-    step packing 60 "$PY" -m benchmarks.packing --n 20000 --reps 1
+    step packing 60 "$PY" -m benchmarks.packing --n 20000 --reps 1 --trl-reps 0
   else
     step packing 40 "$PY" -m benchmarks.packing
   fi

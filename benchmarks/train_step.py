@@ -164,10 +164,9 @@ def dpo_hf(model, batches, ref, n_pairs):
         total = 0.0
         for b in batches:
             B = len(b["pair_index"])
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[
-                :, :-1
-            ]
-            labels = b["labels"][:, 1:]
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            labels = torch.roll(b["labels"], shifts=-1, dims=1)  # as TRL: no [:, :-1] copy
+            labels[:, -1] = -100
             mask = labels != -100
             logp = sls(logits, labels.clamp(min=0)) * mask
             seq = logp.sum(-1)
@@ -229,61 +228,6 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
         return total
 
     return run
-
-
-# ----------------------------------------------------------------------------- data per stage
-
-
-def make_data(stage: str, cfg, args, rng) -> dict:
-    """The step's data for every variant: packed rows (ours) and padded batches (HF) holding the
-    same sequences; counts of real tokens, targets, pairs; the model FLOPs of one step."""
-    from r7b_fast.data.packing import pack_preference, pack_sft
-
-    T, median = args.max_tokens, args.median_len
-    n = max(64, 4 * args.rows * T // median)
-    if stage == "sft":
-        examples = _e2e.sample_sft(rng, n, cfg.vocab_size, median, T)
-        rows = _e2e.pick_rows(pack_sft(examples, T), args.rows, rng)
-        chosen = [int(i) for r in rows for i in r["example_ids"]]
-        rng.shuffle(chosen)  # HF sees them in a data-loader order, not packed order
-        seqs = [examples[i] for i in chosen]
-        batches = _e2e.pad_batches(seqs, T)
-        lens = [len(s[0]) for s in seqs]
-        n_targets = sum(sum(m[1:]) for _, m in seqs)
-        extra = {}
-    else:
-        pairs = _e2e.sample_pref(rng, n, cfg.vocab_size, median, T)
-        rows = _e2e.pick_rows(pack_preference(pairs, T), args.rows, rng)
-        ids = sorted({int(i) for r in rows for i in r["pair_ids"]})
-        local = {pid: k for k, pid in enumerate(ids)}
-        for r in rows:  # pair ids -> 0..P-1 so they index the reference table
-            r["pair_ids"] = torch.tensor([local[int(i)] for i in r["pair_ids"]])
-        order = rng.permutation(len(ids))
-        sel = [pairs[ids[k]] for k in order]
-        batches = _e2e.pad_pair_batches(sel, T)
-        for b in batches:  # batch positions -> the same 0..P-1 pair numbering
-            b["pair_index"] = torch.as_tensor(order[b["pair_index"].numpy()])
-        lens = [len(p) + len(c) for p, c, _ in sel] + [len(p) + len(r) for p, _, r in sel]
-        n_targets = sum(len(c) + len(r) for _, c, r in sel)
-        # precomputed reference log-probs, about what a random-init model gives per token
-        comp = torch.tensor(
-            [[len(c), len(r)] for p, c, r in (pairs[i] for i in ids)], dtype=torch.float32
-        )
-        ref = -np.log(cfg.vocab_size) * comp + torch.randn(
-            comp.shape, generator=torch.Generator().manual_seed(1)
-        )
-        extra = {"ref": ref, "n_pairs": len(ids)}
-    padded = sum(b["input_ids"].numel() for b in batches)
-    return {
-        "rows": rows,
-        "batches": batches,
-        "real_tokens": sum(lens),
-        "n_targets": n_targets,
-        "padded_tokens": padded,
-        "micro_batches_hf": len(batches),
-        "flops": _e2e.step_flops(cfg, lens, n_targets),
-        **extra,
-    }
 
 
 # ----------------------------------------------------------------------------- running
@@ -446,8 +390,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup(args) -> torch.device:
     device = device_of(None if args.device == "auto" else args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -455,95 +398,86 @@ def main(argv=None) -> int:
         # The interpreter must be on before `import triton` (transformers may already have
         # imported it: triton.language's own @jit helpers are then compiled-mode): start afresh.
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(
-            sys.executable, [sys.executable, "-m", "benchmarks.train_step", *sys.argv[1:]], env
-        )
+        argv = [sys.executable, "-m", "benchmarks.train_step", *sys.argv[1:]]
+        os.execve(sys.executable, argv, env)
+    return device
+
+
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "sliding_window", "logit_scale")  # fmt: skip
+DATA_KEYS = ("real_tokens", "n_targets", "padded_tokens", "micro_batches_hf", "flops")
+
+
+def run_group(variants, stages, cfg, data, device, dtype, args, rows, save) -> int:
+    """Build a fresh model (seeded: every group gets the same weights) and run `variants` x
+    `stages` on it; free it afterwards. Returns the parameter count."""
+    t0 = time.perf_counter()
+    model = build(cfg, device, dtype)
+    opt = _e2e.AdamWFp32State(list(model.parameters()), lr=args.lr)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train_step] {cfg.num_hidden_layers} layers, {n_params / 1e9:.3f} B params, {dtype}, "
+          f"{device}; built in {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
+    for variant in variants:
+        for stage in stages:
+            d = data[stage]
+            r = run_variant(stage, variant, model, d, opt, device, args)
+            slots = args.rows * args.max_tokens if variant == "ours" else d["padded_tokens"]
+            r.update(real_tokens=d["real_tokens"], pad_fraction=1 - d["real_tokens"] / slots)
+            rows.append(r)
+            print(f"[train_step] {stage}/{variant}: {r}", flush=True)
+            save()
+    del model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return n_params
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = setup(args)
     plan = None if args.tiny else _e2e.plan_layers(args.budget_gib, args.max_tokens)
     layers = None if args.tiny else (plan["layers"] if args.layers == "auto" else int(args.layers))
     cfg = _e2e.model_config(layers, tiny=args.tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rng = np.random.default_rng(args.seed)
     stages = [s for s in args.stages.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     bad = [s for s in stages if s not in STEP_FNS] + [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"--stages/--variants: unknown {bad}")
-    data = {s: _e2e_to_device(make_data(s, cfg, args, rng), device) for s in stages}
-    t0 = time.perf_counter()
-    model = build(cfg, device, dtype)
-    opt = _e2e.AdamWFp32State(list(model.parameters()), lr=args.lr)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"[train_step] {cfg.num_hidden_layers} layers, {n_params / 1e9:.3f} B params, {dtype}, "
-        f"{device}; built in {time.perf_counter() - t0:.1f}s; plan: {plan}",
-        flush=True,
-    )
-    rows = []
-    # HF-based variants first: `ours` patches the model in place (apply_kernels).
-    for variant in [v for v in VARIANTS if v in variants]:
-        for stage in stages:
-            rows.append(run_variant(stage, variant, model, data[stage], opt, device, args))
-            r = rows[-1]
-            r.update(
-                real_tokens=data[stage]["real_tokens"],
-                pad_fraction=1
-                - data[stage]["real_tokens"]
-                / (
-                    data[stage]["padded_tokens"]
-                    if variant != "ours"
-                    else args.rows * args.max_tokens
-                ),
-            )
-            print(f"[train_step] {stage}/{variant}: {r}", flush=True)
+    print(f"[train_step] memory plan: {plan}", flush=True)
+    rng = np.random.default_rng(args.seed)
+    data = {s: _e2e_to_device(_e2e.make_data(s, cfg, args, rng), device) for s in stages}
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    rows: list[dict] = []
     payload = {
-        "config": {
-            k: getattr(cfg, k)
-            for k in (
-                "num_hidden_layers",
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-                "sliding_window",
-                "logit_scale",
-            )
-        },
-        "params": n_params,
+        "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
         "dtype": str(dtype),
         "plan": plan,
         "args": vars(args),
-        "data": {
-            s: {
-                k: data[s][k]
-                for k in ("real_tokens", "n_targets", "padded_tokens", "micro_batches_hf", "flops")
-            }
-            for s in stages
-        },
+        "data": {s: {k: data[s][k] for k in DATA_KEYS} for s in stages},
         "rows": rows,
-        "compare": compare(rows, tol),
         "loss_tolerance": tol,
         "env": env_info(device),
     }
-    table = markdown_table(
-        rows,
-        [
-            "stage",
-            "variant",
-            "tokens_per_s",
-            "mfu",
-            "peak_mem_gib",
-            "step_ms",
-            "pad_fraction",
-            "loss",
-            "error",
-        ],
-    )
-    table += "\n\n" + markdown_table([payload["compare"]]) if payload["compare"] else ""
-    paths = write_results(args.name, payload, table)
+    cols = ["stage", "variant", "tokens_per_s", "mfu", "peak_mem_gib", "step_ms", "pad_fraction",
+            "loss", "error"]  # fmt: skip
+
+    def save() -> str:  # after every variant: a run killed by its time budget keeps its rows
+        payload["compare"] = compare(rows, tol)
+        table = markdown_table(rows, cols)
+        if payload["compare"]:
+            table += "\n\n" + markdown_table([payload["compare"]])
+        write_results(args.name, payload, table)
+        return table
+
+    # Ours first (the numbers that matter most if the time budget runs out), on its own model:
+    # apply_kernels patches in place, so the HF variants get a fresh model with the same weights.
+    groups = [[v for v in variants if v == "ours"], [v for v in variants if v != "ours"]]
+    for group in filter(None, groups):
+        payload["params"] = run_group(group, stages, cfg, data, device, dtype, args, rows, save)
+    table = save()
     print(table)
-    print(f"[train_step] wrote {', '.join(map(str, paths))}")
     ok = all("error" not in r for r in rows if r["variant"] == "ours") and all(
         v for k, v in payload["compare"].items() if k.endswith("_loss_ok")
     )
