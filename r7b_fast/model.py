@@ -6,8 +6,11 @@ module only builds it, loads it, and (opt-in) patches it with our kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import Cohere2Config, Cohere2ForCausalLM
+from transformers.utils import ModelOutput
 
 # Special-token ids shared by the tiny config and the embedded tokenizer (r7b_fast.data.tokenizer),
 # which puts its special tokens first, in this order.
@@ -119,11 +122,12 @@ def load_model(
 SUPPORTED_MODEL_TYPES = {"cohere2", "cohere", "llama", "mistral", "qwen2"}
 
 
-class TokenLogpsOutput(dict):
-    """What a kernel-patched model returns for `model(..., targets=...)`: `token_logps` fp32[B, T]
-    (log p(targets[b, t]) under the model, 0 where targets == -100); attribute access works too."""
+@dataclass
+class TokenLogpsOutput(ModelOutput):
+    """What a kernel-patched model returns for `model(..., targets=...)`."""
 
-    __getattr__ = dict.__getitem__
+    token_logps: torch.Tensor | None = None
+    """fp32 [B, T]: log p(targets[b, t]) under the model, 0 where targets == -100."""
 
 
 def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: str = "auto"):

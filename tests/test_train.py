@@ -11,6 +11,7 @@ from _train_helpers import COMMON, events, metrics, one_thread  # noqa: F401 (fi
 from r7b_fast import checkpoint, train
 from r7b_fast.config import ConfigError, load_config
 from r7b_fast.distributed import Dist
+from r7b_fast.optim import build_optimizer, lr_factor
 
 
 def run(tmp_path, name, *overrides):
@@ -92,7 +93,7 @@ def test_nan_stops_and_keeps_checkpoint(tmp_path):
     cfg = load_config(str(out / "config.yaml"))
     tok = train.load_tokenizer(cfg)
     model = train.build_model(cfg, Dist(), tok)
-    opt, _ = train.build_optimizer(cfg, model, 6)
+    opt, _ = build_optimizer(cfg, model, 6)
     state = checkpoint.load(checkpoint.latest(out / "checkpoints"), model, opt, Dist())
     assert state["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -113,8 +114,20 @@ def test_config_error_before_model(tmp_path, monkeypatch, capsys):
 
 def test_lr_schedule():
     cfg = load_config("sft_tiny", ["optim.warmup_steps=4", "optim.min_lr_ratio=0.1"])
-    f = [train.lr_factor(s, 14, cfg) for s in range(14)]
+    f = [lr_factor(s, 14, cfg) for s in range(14)]
     assert f[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and f[4] == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(f[4:], f[5:]))
     cfg.optim.schedule = "linear"
-    assert train.lr_factor(9, 14, cfg) == pytest.approx(0.1 + 0.9 * (1 - 5 / 9))
+    assert lr_factor(9, 14, cfg) == pytest.approx(0.1 + 0.9 * (1 - 5 / 9))
+
+
+def test_oom_message_names_batch_settings(tmp_path, monkeypatch, capsys):
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train, "run", oom)
+    rc = train.main(["sft_tiny", f"run.output_dir={tmp_path}", "optim.micro_batch=4"])
+    err = capsys.readouterr().err
+    assert rc == 4
+    for key in ("optim.micro_batch=4", "data.max_tokens=256", "model.activation_checkpointing"):
+        assert key in err, err
