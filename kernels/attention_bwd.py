@@ -8,8 +8,9 @@ With P = exp2(S * scale*log2e - lse) recomputed from the saved lse and Delta_i =
 - dQ: one program owns a query block of one query head and loops over the key tiles it sees,
   exactly as the forward does; every dQ row is written once.
 Both use the forward's tile skipping (sequence, diagonal, window): only tiles a block can see are
-visited. Unlike the forward, every visited tile is masked: splitting off unmasked interior tiles
-made the D=128 kernels spill registers on sm_90 (see the configs below).
+visited, and only edge tiles build a mask. Unlike the forward (three loops: masked, unmasked,
+masked), the backward has one loop with a runtime branch around the mask: three loops made the
+D=128 kernels spill registers on sm_90 (see the configs below).
 """
 
 from __future__ import annotations
@@ -25,19 +26,26 @@ from .attention_fwd import INTERP_BLOCK, LOG2E, dot_precision, key_tile_bounds, 
 @triton.jit
 def query_tile_bounds(k0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """[lo, hi): the query rows that can see key block [k0, k0+BLOCK_N); lo is tile-aligned."""
+    """Query rows that can see key block [k0, k0+BLOCK_N): [lo, hi), of which [a, b) (multiples
+    of BLOCK_M unless empty) see every key of the block, so their tiles need no mask."""
     lo = k0 * 0
     hi = k0 * 0 + L
+    full_lo = k0 * 0
+    full_hi = (L // BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (k0 // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(k0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # rows >= every key of the block
     if HAS_WINDOW:
         hi = tl.minimum(L, k0 + BLOCK_N - 1 + window)  # row i sees key j iff i < j + window
-    return lo, hi
+        full_hi = (tl.minimum(k0 + window, L) // BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(full_hi, a)
+    return lo, a, b, hi
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols,
-                offs_d, lo, hi, L, window, qk_scale, CAUSAL: tl.constexpr,
+                offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, CAST: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr):  # fmt: skip
     for start_m in range(lo, hi, BLOCK_M):
@@ -53,7 +61,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
         p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(tl.trans(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)), p_t, 0.0)
+        if (start_m < a) | (start_m >= c):  # edge tile: diagonal, window edge, sequence end
+            p_t = tl.where(tl.trans(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -90,7 +99,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, hi = query_tile_bounds(k0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, c, hi = query_tile_bounds(k0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(GROUP):  # the query heads sharing this kv head: GQA sum in registers
         h = kvh * GROUP + g
         q_base = Q + start64 * stride_qt + h * stride_qh
@@ -98,14 +107,14 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_
         lse_base = LSE + h.to(tl.int64) * T + start
         delta_base = DELTA + h.to(tl.int64) * T + start
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_ot, cols, offs_d, lo, hi, L, window, qk_scale, CAUSAL,
+                             stride_ot, cols, offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL,
                              HAS_WINDOW, CAST, DOT_PREC, BLOCK_M)  # fmt: skip
     tl.store(DK + kv_base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_base + kv_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, hi, L, window,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, c, hi, L, window,
               qk_scale, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               CAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
@@ -118,7 +127,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
         p = tl.exp2(s - lse[:, None])
-        p = tl.where(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        if (start_n < a) | (start_n >= c):  # edge tile: diagonal, window edge, sequence end
+            p = tl.where(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -158,8 +168,8 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, st
     k_base = K + start64 * stride_kt + kv_head * stride_kh
     v_base = V + start64 * stride_kt + kv_head * stride_kh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    lo, _, _, hi = key_tile_bounds(q0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, hi, L,
+    lo, a, c, hi = key_tile_bounds(q0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, c, hi, L,
                    window, qk_scale, CAUSAL, HAS_WINDOW, CAST, DOT_PREC, BLOCK_N)  # fmt: skip
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -178,10 +188,10 @@ def attn_bwd_delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, T, HEAD_DIM: tl.
     tl.store(DELTA + h.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
-# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim. At D=128 larger tiles (and
-# the forward's split into masked/unmasked loops) need > 255 registers and spill to the stack
-# on sm_90 (AOT-measured: 64x128 and 128x64 tiles give 250-1000 B of stack per thread).
-DKDV_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim; BLOCK_M counts queries.
+# AOT-measured on sm_90 at D=128, bf16: these use 229-254 registers and no stack; 64x128 or
+# 128x64 tiles, or the forward's three-loop split, spill 250-1000 B per thread to the stack.
+DKDV_CONFIGS = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)}
 DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
 
 

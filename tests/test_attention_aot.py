@@ -1,7 +1,7 @@
 """The three attention kernels compile for sm_90 with the bf16, head-dim-128 configs the GPU runs
-(causal and causal + window): no register spills (cuobjdump LOCAL = 0), a stack frame of at most
-a few words (larger tiles gave 250-1000 B per thread: spilled registers), shared memory within
-227 KB, and wgmma (Hopper tensor cores)."""
+(causal and causal + window): no register spills, neither as local memory (cuobjdump LOCAL) nor
+as a stack frame (where sm_90 put them for larger tiles: 250-1000 B per thread), shared memory
+within 227 KB, and wgmma (Hopper tensor cores) in the three tl.dot kernels."""
 
 import pytest
 
@@ -34,7 +34,7 @@ def test_kernels_compile_for_hopper_without_spills(reports, cuobjdump_available)
     assert len(reports) == len(AOT_SPECS)
     for r in reports:
         assert "error" not in r, r
-        assert r["spills"] == 0 and r["stack"] <= 64, r
+        assert r["spills"] == 0 and r["stack"] == 0, r
         assert 0 < r["shared_bytes"] <= HOPPER_SMEM_LIMIT, r
         assert r["wgmma"] == (DELTA not in r["label"]), r
         assert r["problems"] == [], r
