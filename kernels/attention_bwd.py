@@ -8,9 +8,8 @@ With P = exp2(S * scale*log2e - lse) recomputed from the saved lse and Delta_i =
 - dQ: one program owns a query block of one query head and loops over the key tiles it sees,
   exactly as the forward does; every dQ row is written once.
 Both use the forward's tile skipping (sequence, diagonal, window): only tiles a block can see are
-visited, and only edge tiles build a mask. Unlike the forward (three loops: masked, unmasked,
-masked), the backward has one loop with a runtime branch around the mask: three loops made the
-D=128 kernels spill registers on sm_90 (see the configs below).
+visited, and only edge tiles build a mask (a runtime branch in the one loop, as in the forward).
+Delta comes from a small kernel of its own (no fp32 copies of dO and O).
 """
 
 from __future__ import annotations
