@@ -242,7 +242,7 @@ def train_steps(
         s.logger.advance()
         every = cfg.checkpoint.every_steps
         if (every and step % every == 0) or step == last:
-            save_checkpoint(s, step, it, extra_state or {})
+            save_checkpoint(s, step, it, {**(extra_state or {}), "metrics": metrics})
     return metrics
 
 
