@@ -51,6 +51,8 @@ def _independent_answer(row):
     if k in ("add", "sub", "mul"):
         a, b = nums
         return [{"add": a + b, "sub": a - b, "mul": a * b}[k]]
+    if k in ("min", "max"):
+        return [min(nums) if k == "min" else max(nums)]
     if k in ("asc", "desc"):
         return sorted(nums, reverse=k == "desc")
     if k in ("to_arabic", "to_western"):

@@ -3,14 +3,16 @@
 Written by us, generated from templates, deterministic by seed; nothing is downloaded. Each
 family can serve as a separate "expert" dataset:
 
-| family      | task                                                        | answer format          |
-| ----------- | ----------------------------------------------------------- | ---------------------- |
-| `arith_ar`  | Arabic word problem, + and - (x from difficulty 3)          | `٧` (Arabic-Indic)     |
-| `digits_ar` | convert a number between Western and Arabic-Indic digits    | `٤٥` or `45`           |
-| `count_ar`  | count the letters of a letter string or the words of a sentence | `٥`                    |
-| `order_ar`  | sort numbers ascending or descending                        | `٣، ٧، ٩`              |
-| `arith_en`  | the English twin of `arith_ar`                              | `7`                    |
-| `bad_ar`    | `arith_ar` prompts with WRONG or noisy answers (quality gate) | anything               |
+| family      | task                                                        | answer    |
+| ----------- | ----------------------------------------------------------- | --------- |
+| `arith_ar`  | word problem, + and - on 1..9 (1..20; 1..50 and x at 3)     | `٧`       |
+| `digits_ar` | convert a number of <= 2 (3, 4) digits, Western <-> Arabic  | `٤٥`/`45` |
+| `count_ar`  | count the letters of a letter string / words of a sentence  | `٥`       |
+| `order_ar`  | min/max of 3 digits (sort 3 digits; sort 4 numbers < 100)   | `٣، ٧، ٩` |
+| `arith_en`  | the English twin of `arith_ar` (Western digits)             | `7`       |
+| `bad_ar`    | `arith_ar` prompts with WRONG or noisy answers (quality gate) | anything |
+
+(difficulty 1, then 2 and 3 in parentheses.)
 
 Answers are short and formats regular, prompts short (~10-30 tokens with the embedded
 tokenizer), operands small (`difficulty` 1..3), so a tiny model learns them on a CPU in minutes.
@@ -169,11 +171,16 @@ def _count_ar(rng: random.Random, difficulty: int):
 
 
 def _order_ar(rng: random.Random, difficulty: int):
+    """Difficulty 1: the smallest or largest of 3 one-digit numbers (one-number answer);
+    2: sort 3 one-digit numbers; 3: sort 4 numbers below 100."""
     _operand_max(difficulty)
-    hi = {1: 20, 2: 99, 3: 999}[difficulty]
-    nums = rng.sample(range(hi + 1), 2 + difficulty)
+    nums = rng.sample(range(100 if difficulty == 3 else 10), 4 if difficulty == 3 else 3)
     desc = rng.random() < 0.5
     shown = AR_COMMA.join(to_arabic_digits(x) for x in nums)
+    if difficulty == 1:
+        kind, word = ("max", "أكبر") if desc else ("min", "أصغر")
+        answer = to_arabic_digits(max(nums) if desc else min(nums))
+        return kind, f"ما {word} عدد في: {shown}؟", answer, {}
     prompt = f"رتّب الأعداد {'تنازليا' if desc else 'تصاعديا'}: {shown}"
     answer = AR_COMMA.join(to_arabic_digits(x) for x in sorted(nums, reverse=desc))
     return ("desc" if desc else "asc"), prompt, answer, {}
@@ -255,7 +262,9 @@ def wrong_answer(row: dict, rng: random.Random) -> str:
     family, answer = row["family"], row["answer"]
     nums = _numbers(answer)
     for _ in range(100):
-        if family == "order_ar":
+        if row.get("kind") in ("min", "max"):  # another number of the list
+            out = to_arabic_digits(rng.choice([v for v in _numbers(row["prompt"]) if v != nums[0]]))
+        elif family == "order_ar":
             vals = list(nums)
             if rng.random() < 0.3:
                 vals.reverse()

@@ -44,7 +44,7 @@ SPECIAL_TOKENS = (
     "<|SYSTEM_TOKEN|>",
 )
 PAD_ID, BOS_ID, EOS_ID, START_OF_TURN_ID, END_OF_TURN_ID, USER_ID, CHATBOT_ID, SYSTEM_ID = range(8)
-TOKENIZER_VERSION = 2
+TOKENIZER_VERSION = 3
 """Bump when the corpus, the trainer settings or the template change: it is part of the cache key."""
 
 CHAT_TEMPLATE = (
