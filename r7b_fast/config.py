@@ -80,8 +80,8 @@ class DataConfig:
     synthetic_eval: int = 32
     """Rows per synthetic family in the generated eval split."""
     tokenizer: str = "auto"
-    """`auto` (the checkpoint's tokenizer, or the embedded one for model.path=tiny), `embedded`,
-    or a tokenizer directory."""
+    """`auto` (the checkpoint's tokenizer; the embedded one for model.path=tiny or a checkpoint
+    without tokenizer files), `embedded`, or a tokenizer directory."""
     max_tokens: int = 512
     """Length of a packed row, in tokens; also the longest sequence (longer ones are skipped)."""
     shuffle: bool = True

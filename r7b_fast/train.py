@@ -143,15 +143,20 @@ def compute_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer for `data.tokenizer` (auto: the checkpoint's, or the embedded one for tiny)."""
+    """The tokenizer for `data.tokenizer`: `auto` = the checkpoint's own tokenizer, or the
+    embedded one for model.path=tiny or a checkpoint directory without tokenizer files."""
     from transformers import AutoTokenizer
 
     from r7b_fast.data.tokenizer import load_tokenizer as embedded
 
     choice = cfg.data.tokenizer
-    if choice == "embedded" or (choice == "auto" and cfg.model.path == "tiny"):
-        return embedded()
-    return AutoTokenizer.from_pretrained(cfg.model.path if choice == "auto" else choice)
+    if choice == "auto":
+        has_own = cfg.model.path != "tiny" and any(
+            (Path(cfg.model.path) / f).is_file()
+            for f in ("tokenizer.json", "tokenizer_config.json")
+        )
+        choice = cfg.model.path if has_own else "embedded"
+    return embedded() if choice == "embedded" else AutoTokenizer.from_pretrained(choice)
 
 
 def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
