@@ -26,24 +26,34 @@ from r7b_fast.kernels.attention import varlen_attention
 NAME = "r7b_varlen"
 
 
-def packed_kwargs(position_ids: torch.Tensor) -> dict:
+def packed_kwargs(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> dict:
     """Kwargs for `model(...)` / `model.model(...)` describing packed rows.
 
     position_ids: [B, T] or [T] int; a sequence starts where a row starts or where a position is
-    not the previous one + 1 (so positions restarting at 0 split sequences).
-    Returns {"cu_seq_lens_q", "cu_seq_lens_k": int32 [S+1] over the B*T flattened tokens,
-    "max_length_q", "max_length_k": int} (the names flash-attention kwargs use in transformers)."""
+    not the previous one + 1 (so positions restarting at 0 split sequences; padding tokens at
+    position 0 each become a 1-token sequence that attends to itself).
+    cu_seqlens: optional int32 [S+1] boundaries over the B*T flattened tokens (e.g. the packer's,
+    with the padding as one segment) used instead of deriving them from position_ids.
+    Returns {"cu_seq_lens_q", "cu_seq_lens_k": int32 [S+1], "max_length_q", "max_length_k": int}
+    (the names transformers uses for flash-attention kwargs). One host sync (the max length)."""
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [B, T] or [T], got {tuple(position_ids.shape)}")
     B, T = position_ids.shape
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
-    cu = torch.cat([idx, end]).to(torch.int32)
-    max_len = int(torch.diff(cu).max().item()) if B * T else 0
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(
+                f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        cu = cu_seqlens
+    else:
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
+        cu = torch.cat([idx, end]).to(torch.int32)
+    max_len = int(torch.diff(cu).max().item()) if cu.numel() > 1 else 0
     return {
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,

@@ -40,9 +40,14 @@ def test_packed_kwargs():
     assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10, 12] and kw["max_length_q"] == 4
     assert kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"] and kw["max_length_k"] == 4
     assert hfa.packed_kwargs(torch.arange(7))["cu_seq_lens_q"].tolist() == [0, 7]
+    given = torch.tensor([0, 5, 7], dtype=torch.int32)  # e.g. the packer's, padding as one segment
+    kw = hfa.packed_kwargs(torch.tensor([0, 1, 2, 3, 4, 0, 0]), cu_seqlens=given)
+    assert kw["cu_seq_lens_q"] is given and kw["max_length_q"] == 5
+    with pytest.raises(ValueError, match="int32"):
+        hfa.packed_kwargs(torch.arange(7), cu_seqlens=given.long())
 
 
-@pytest.mark.slow  # ~25 s on a busy 2-core machine
+@pytest.mark.slow  # 8-25 s on a busy 2-core machine
 def test_packed_row_matches_per_sequence_eager(models, monkeypatch):
     eager, ours = models
     ids, row, pos = packed_inputs()
