@@ -3,8 +3,10 @@
     out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, window=4096)
 
 Triton kernels live in attention_fwd.py (forward, saves lse) and attention_bwd.py (a dK/dV
-kernel and a dQ kernel, no atomics); `varlen_attention_torch` is the plain-torch twin with the
+kernel and a dQ kernel, no atomics), wrapped here as torch custom ops with a registered autograd
+(torch.compile traces through them); `varlen_attention_torch` is the plain-torch twin with the
 same signature; `backend="auto"` picks Triton on CUDA or under TRITON_INTERPRET=1, else torch.
+`AOT_SPECS`: the bf16 head-dim-128 GPU configs, for `python -m r7b_fast.kernels.aot`.
 """
 
 from __future__ import annotations

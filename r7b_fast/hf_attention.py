@@ -83,6 +83,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
         pos = torch.arange(S, device=query.device)[None] if pos is None else pos
         packed = packed_kwargs(pos.expand(B, -1))
         cu, max_len = packed["cu_seq_lens_q"], packed["max_length_q"]
+    elif max_len is None:
+        max_len = int(torch.diff(cu).max())
     to_tokens = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D)  # (B*S, H, D)
     out = varlen_attention(
         to_tokens(query), to_tokens(key), to_tokens(value), cu.to(torch.int32), int(max_len),
