@@ -145,34 +145,54 @@ def implementations(lens, window, q, k, v, cu):
     return impls
 
 
+# The peer each workload's goal is measured against: timed right after ours, before the rest.
+GOAL_PEER = {"causal_8k": "sdpa_flash", "packed_16k": "flex", "window_16k": "flex"}
+
+
+def time_one(name, impl, f, inputs, do, lens, window, shapes, device) -> list[dict]:
+    """Rows for fwd and fwd+bwd of one implementation on one workload."""
+    pairs = attended_pairs(lens, window)
+    unit = pairs * shapes["d"] * shapes["hq"]
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    fwd = lambda: f(*inputs)
+    fwd_bwd = lambda: torch.autograd.grad(f(*leaves), leaves, do)
+    rows = []
+    for mode, fn, flops in (("fwd", fwd, 4 * unit), ("fwd+bwd", fwd_bwd, 14 * unit)):
+        row = dict(workload=name, impl=impl, mode=mode, tokens=sum(lens), seqs=len(lens),
+                   window=window, pairs=pairs)  # fmt: skip
+        try:
+            reps = 10 if device == "cuda" else 2
+            ms = bench(fn, device, warmup=3, reps=reps, max_seconds=3)["median_ms"]
+            rows.append({**row, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 2)})
+        except Exception as e:  # noqa: BLE001 - a peer that fails (OOM, no backward) is a row
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:160]})
+    return rows
+
+
 def bench_all(smoke: bool, budget_s: float) -> list[dict]:
-    """Every workload x implementation x mode; rows after `budget_s` seconds say 'skipped'."""
+    """Every workload x implementation x mode: ours first, then each workload's goal peer, then
+    the other peers; pairs started after `budget_s` seconds get 'skipped' rows."""
     cuda = torch.cuda.is_available() and not smoke
     shapes, device = (GPU_SHAPES, "cuda") if cuda else (CPU_SHAPES, "cpu")
-    rows, t0 = [], time.perf_counter()
+    setups = {}
     for name, (lens, window) in workloads(not cuda).items():
         q, k, v, do, cu = make_inputs(lens, device=device, **shapes)
-        pairs = attended_pairs(lens, window)
-        unit = pairs * shapes["d"] * shapes["hq"]
-        for impl, (f, inputs) in implementations(lens, window, q, k, v, cu).items():
-            leaves = [x.detach().clone().requires_grad_() for x in inputs]
-            fwd = lambda f=f, inputs=inputs: f(*inputs)
-            fwd_bwd = lambda f=f, leaves=leaves, do=do: torch.autograd.grad(f(*leaves), leaves, do)
-            for mode, fn, flops in (("fwd", fwd, 4 * unit), ("fwd+bwd", fwd_bwd, 14 * unit)):
-                row = dict(workload=name, impl=impl, mode=mode, tokens=sum(lens), seqs=len(lens),
-                           window=window, pairs=pairs)  # fmt: skip
-                if time.perf_counter() - t0 > budget_s:
-                    rows.append({**row, "error": f"skipped: time budget {budget_s:.0f} s spent"})
-                    continue
-                try:
-                    ms = bench(fn, device, warmup=3, reps=10 if cuda else 2, max_seconds=3)[
-                        "median_ms"
-                    ]
-                    rows.append({**row, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 2)})
-                except Exception as e:  # noqa: BLE001 - a peer that fails (OOM, no backward) is a row
-                    rows.append({**row, "error": f"{type(e).__name__}: {e}"[:160]})
-        del q, k, v, do
-    return rows
+        setups[name] = (lens, window, do, implementations(lens, window, q, k, v, cu))
+    order = [(n, "ours") for n in setups] + [(n, GOAL_PEER.get(n)) for n in setups]
+    order += [(n, i) for n, st in setups.items() for i in st[3] if (n, i) not in order]
+    rows, t0 = [], time.perf_counter()
+    for name, impl in order:
+        lens, window, do, impls = setups[name]
+        if impl not in impls:
+            continue
+        if time.perf_counter() - t0 > budget_s:
+            skip = {"error": f"skipped: time budget {budget_s:.0f} s spent"}
+            rows += [dict(workload=name, impl=impl, mode=m, **skip) for m in ("fwd", "fwd+bwd")]
+            continue
+        f, inputs = impls[impl]
+        rows += time_one(name, impl, f, inputs, do, lens, window, shapes, device)
+    rank = {n: i for i, n in enumerate(setups)}
+    return sorted(rows, key=lambda r: rank[r["workload"]])  # stable: ours first per workload
 
 
 def add_ratios(rows: list[dict]) -> None:
