@@ -39,6 +39,8 @@ CASES = [
     ([1, 17, 3], 4, 1, 16, torch.float16, True, 1),  # GQA 4, window 1: each row sees itself
     ([7, 19], 2, 1, 16, torch.bfloat16, False, None),  # not causal
     ([50, 70], 2, 1, 16, torch.float32, True, 33),  # window spanning > 2 tiles: unmasked interior
+    ([5, 0, 12], 4, 2, 64, torch.float16, True, 4),  # head dim 64, an empty sequence
+    ([3, 17], 2, 1, 128, torch.bfloat16, True, None),  # head dim 128 (R7B's)
 ]
 
 
