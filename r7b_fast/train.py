@@ -22,7 +22,6 @@ Run directory (`run.output_dir`), the contract with the pipeline:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from r7b_fast.config import (
 )
 from r7b_fast.logging import MetricsLogger, flops_per_token, peak_flops, versions
 from r7b_fast.optim import build_optimizer
-from r7b_fast.train_data import build_rows, collate, make_iterator, reference_rows
+from r7b_fast.train_data import autocast, build_rows, collate, make_iterator, reference_rows
 
 
 class NonFiniteError(RuntimeError):
@@ -283,13 +282,6 @@ def check_finite(s: Session, step: int, loss, grad_norm) -> None:
     )
 
 
-def autocast(s: Session):
-    """bf16 autocast for one-process CUDA training with fp32 weights (FSDP casts by itself)."""
-    if s.mixed and not s.dist.distributed:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     """Global gradient norm (over all shards), clipped to `max_norm` when > 0; a plain tensor."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -434,6 +426,7 @@ def run(cfg: Config) -> dict:
         model = build_model(cfg, dist, tokenizer)
         optimizer, scheduler = build_optimizer(cfg, model, total)
         mixed = compute_dtypes(cfg, dist.device)[1]
+        # MFU counts attention over data.max_tokens-long contexts: an upper bound for packed rows.
         s = Session(
             cfg,
             dist,

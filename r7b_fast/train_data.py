@@ -9,6 +9,7 @@ the reference of the original model instead of recomputing it from trained weigh
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
     for k in range(-(-n // world)):  # every rank runs the same number of forwards (FSDP)
         i = min(k * world + dist.rank, n - 1)
         batch = collate([packed.row(i)], dist.device)
-        with _autocast(s):
+        with autocast(s):
             out = model(batch["input_ids"], position_ids=batch["position_ids"],
                         targets=batch["targets"])  # fmt: skip
         seq = losses.sequence_logps(out.token_logps[0].float(), batch["seq_ids"][0],
@@ -172,11 +173,10 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
     return [merged[i] for i in range(n)]
 
 
-def _autocast(s):
+def autocast(s):
+    """bf16 autocast for one-process CUDA training with fp32 weights (FSDP casts by itself)."""
     if s.mixed and not s.dist.distributed:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -221,7 +221,7 @@ def online_round_rows(s, prompts: list[dict], r: int):
     o = cfg.online
     was_training = s.model.training
     s.model.eval()
-    with _autocast(s):
+    with autocast(s):
         pairs, stats = build_pairs(s.model, s.tokenizer, round_prompts(cfg, prompts, r),
                                    o.reward, k=o.num_samples, max_new_tokens=o.max_new_tokens,
                                    temperature=o.temperature, seed=cfg.run.seed * 1000 + r)  # fmt: skip
