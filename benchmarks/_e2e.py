@@ -267,6 +267,64 @@ def make_data(stage: str, cfg, args, rng) -> dict:
     }
 
 
+def compare(rows: list[dict], tol: dict) -> dict:
+    """Ratios of ours to each peer (tokens/s, peak memory) and the first-step loss agreement."""
+    out = {}
+    for stage in ("sft", "dpo"):
+        by = {r["variant"]: r for r in rows if r["stage"] == stage and "error" not in r}
+        ours = by.get("ours")
+        if not ours:
+            continue
+        for peer in ("hf", "hf_liger"):
+            if peer not in by:
+                continue
+            p = by[peer]
+            out[f"{stage}_speedup_vs_{peer}"] = ours["tokens_per_s"] / p["tokens_per_s"]
+            if ours.get("tokens_per_cpu_s") and p.get("tokens_per_cpu_s"):
+                cpu_ratio = ours["tokens_per_cpu_s"] / p["tokens_per_cpu_s"]
+                out[f"{stage}_cpu_time_speedup_vs_{peer}"] = cpu_ratio
+            if ours.get("peak_mem_gib") and p.get("peak_mem_gib"):
+                out[f"{stage}_memory_vs_{peer}"] = ours["peak_mem_gib"] / p["peak_mem_gib"]
+        if "hf" in by:  # Liger's DPO runs without references, so only hf is comparable there
+            rel = abs(ours["loss"] - by["hf"]["loss"]) / max(abs(by["hf"]["loss"]), 1e-12)
+            out[f"{stage}_loss_rel_diff"] = rel
+            out[f"{stage}_loss_ok"] = rel <= tol[stage]
+    return out
+
+
+# ----------------------------------------------------------------------------- model and devices
+
+
+def build(cfg, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised Cohere2ForCausalLM made directly on `device` in `dtype`."""
+    from transformers import Cohere2ForCausalLM
+
+    cfg._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Cohere2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.train()
+
+
+def to_dev(d: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in d.items()}
+
+
+def data_to_device(data: dict, device) -> dict:
+    data["rows"] = [to_dev(r, device) for r in data["rows"]]
+    data["batches"] = [to_dev(b, device) for b in data["batches"]]
+    if "ref" in data:
+        data["ref"] = data["ref"].to(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return data
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 
