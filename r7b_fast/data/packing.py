@@ -39,6 +39,57 @@ IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
+class _RoomBuckets:
+    """Open rows bucketed by remaining room (> 0), with the sorted list of non-empty rooms."""
+
+    def __init__(self):
+        self.buckets: dict[int, list[int]] = {}
+        self.rooms: list[int] = []
+
+    def put(self, room: int, bins) -> None:
+        if room <= 0:
+            return
+        if room in self.buckets:
+            self.buckets[room].extend(bins)
+        else:
+            self.buckets[room] = list(bins)
+            bisect.insort(self.rooms, room)
+
+    def fill(self, L: int, k: int, chunks: list, moved: list) -> int:
+        """Place k items of length L best-fit into existing rows; returns how many are left.
+
+        Walks the buckets from the least room >= L up; a row with room c takes floor(c/L)
+        items (it stays the best fit until it has room < L). Rows that took items are listed
+        in `moved` with their new room (< L, so they cannot be visited again in this run)."""
+        buckets, rooms = self.buckets, self.rooms
+        j = i = bisect.bisect_left(rooms, L)
+        while k and j < len(rooms):
+            c = rooms[j]
+            q, bins = c // L, buckets[c]
+            if len(bins) * q <= k:  # every row of this bucket takes q items
+                chunks.append((bins, q))
+                moved.append((c - q * L, bins))
+                k -= len(bins) * q
+                del buckets[c]
+                j += 1
+                continue
+            m, rem = divmod(k, q)  # m rows take q items, then one row takes rem
+            chunks.append((bins[:m], q))
+            moved.append((c - q * L, bins[:m]))
+            if rem:
+                chunks.append((bins[m : m + 1], rem))
+                moved.append((c - rem * L, bins[m : m + 1]))
+            rest = bins[m + (rem > 0) :]
+            if rest:
+                buckets[c] = rest
+            else:
+                del buckets[c]
+                j += 1
+            k = 0
+        del rooms[i:j]
+        return k
+
+
 def bfd_bins(lengths, max_tokens: int) -> tuple[np.ndarray, int]:
     """Best-fit-decreasing assignment: `(bin_of_item int64[N], num_bins)`.
 
@@ -65,47 +116,12 @@ def bfd_bins(lengths, max_tokens: int) -> tuple[np.ndarray, int]:
     group_len = sorted_len[np.concatenate(([0], cut))].tolist()
     group_cnt = np.diff(np.concatenate(([0], cut, [len(sorted_len)]))).tolist()
 
-    buckets: dict[int, list[int]] = {}  # remaining room -> bins with that room (room > 0)
-    rooms: list[int] = []  # sorted keys of `buckets`
-    chunks: list[tuple[list[int] | range, int]] = []  # (bins, items each), in placement order
+    rows = _RoomBuckets()
+    chunks: list = []  # (rows, items each), in placement order
     num_bins = 0
-
-    def put(room: int, bins) -> None:
-        if room <= 0:
-            return
-        if room in buckets:
-            buckets[room].extend(bins)
-        else:
-            buckets[room] = list(bins)
-            bisect.insort(rooms, room)
-
     for L, k in zip(group_len, group_cnt):
-        moved: list[tuple[int, list[int]]] = []
-        j = i = bisect.bisect_left(rooms, L)
-        while k and j < len(rooms):
-            c = rooms[j]
-            q, bins = c // L, buckets[c]
-            if len(bins) * q <= k:  # every row of this bucket takes q items
-                chunks.append((bins, q))
-                k -= len(bins) * q
-                del buckets[c]
-                moved.append((c - q * L, bins))
-                j += 1
-                continue
-            m, rem = divmod(k, q)  # m rows take q items, then one row takes rem
-            chunks.append((bins[:m], q))
-            moved.append((c - q * L, bins[:m]))
-            if rem:
-                chunks.append((bins[m : m + 1], rem))
-                moved.append((c - rem * L, bins[m : m + 1]))
-            rest = bins[m + (rem > 0) :]
-            if rest:
-                buckets[c] = rest
-            else:
-                del buckets[c]
-                j += 1
-            k = 0
-        del rooms[i:j]
+        moved: list = []  # (new room, rows): re-bucketed after the run, below L anyway
+        k = rows.fill(L, k, chunks, moved)
         if k:  # open new rows, each filled with q items
             q = max_tokens // L
             m, rem = divmod(k, q)
@@ -116,7 +132,7 @@ def bfd_bins(lengths, max_tokens: int) -> tuple[np.ndarray, int]:
                 moved.append((max_tokens - rem * L, range(num_bins + m, num_bins + m + 1)))
             num_bins += m + (rem > 0)
         for room, bins in moved:
-            put(room, bins)
+            rows.put(room, bins)
 
     ids = np.fromiter((b for bins, _ in chunks for b in bins), dtype=np.int64)
     reps = np.repeat([q for _, q in chunks], [len(bins) for bins, _ in chunks])
