@@ -285,6 +285,8 @@ def compare(rows: list[dict], tol: dict) -> dict:
                 out[f"{stage}_cpu_time_speedup_vs_{peer}"] = cpu_ratio
             if ours.get("peak_mem_gib") and p.get("peak_mem_gib"):
                 out[f"{stage}_memory_vs_{peer}"] = ours["peak_mem_gib"] / p["peak_mem_gib"]
+                extra = ours["peak_extra_gib"] / p["peak_extra_gib"]
+                out[f"{stage}_extra_memory_vs_{peer}"] = extra
         if "hf" in by:  # Liger's DPO runs without references, so only hf is comparable there
             rel = abs(ours["loss"] - by["hf"]["loss"]) / max(abs(by["hf"]["loss"]), 1e-12)
             out[f"{stage}_loss_rel_diff"] = rel

@@ -86,6 +86,7 @@ def train_step_summary(part: dict) -> list[dict]:
         ("dpo_speedup_vs_hf", "DPO ours / TRL-style tokens/s", 2.0, True),
         ("dpo_memory_vs_hf", "DPO ours / TRL-style peak memory", 0.5, False),
         ("dpo_speedup_vs_hf_liger", "DPO ours / HF+Liger DPO tokens/s", None, True),
+        ("dpo_extra_memory_vs_hf", "DPO ours / TRL-style memory beyond weights+AdamW", None, False),
     ):
         if key in cmp_:
             if goal is None:

@@ -70,6 +70,7 @@ def sft_hf(model, batches, n_targets):
             loss = out.loss * (n / n_targets)
             loss.backward()
             total += loss.detach()
+            del out, loss  # else the logits live on through the next micro-batch's forward
         return total
 
     return run
@@ -93,6 +94,7 @@ def sft_liger(model, batches, n_targets):
             loss = flce(w, h, b["labels"][:, 1:].reshape(-1)) / n_targets
             loss.backward()
             total += loss.detach()
+            del h, loss
         return total
 
     return run
@@ -114,6 +116,7 @@ def sft_ours(model, rows, n_targets, backend="auto"):
             loss = -out.token_logps.sum() / n_targets
             loss.backward()
             total += loss.detach()
+            del out, loss
         return total
 
     return run
@@ -148,11 +151,12 @@ def dpo_hf(model, batches, ref, n_pairs):
             labels[:, -1] = -100
             mask = labels != -100
             logp = sls(logits, labels.clamp(min=0)) * mask
-            seq = logp.sum(-1)
+            seq = logp.float().sum(-1)  # TRL's fused kernel gives fp32 log-probs on CUDA
             rc, rr = ref[b["pair_index"], 0], ref[b["pair_index"], 1]
             loss = _dpo_sigmoid(seq[:B], seq[B:], rc, rr).sum() / n_pairs
             loss.backward()
             total += loss.detach()
+            del logits, logp, seq, loss
         return total
 
     return run
@@ -176,6 +180,7 @@ def dpo_liger(model, batches, ref, n_pairs):
             loss = (out[0] if isinstance(out, tuple) else out) * (B / n_pairs)
             loss.backward()
             total += loss.detach()
+            del h, out, loss
         return total
 
     return run
@@ -204,6 +209,7 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
             loss = loss * (len(pairs) / n_pairs)
             loss.backward()
             total += loss.detach()
+            del tl, seq, loss
         return total
 
     return run
@@ -239,10 +245,12 @@ def make_step(stage: str, variant: str, model, data: dict, opt, backend: str = "
 def run_variant(stage, variant, model, data, opt, device, args) -> dict:
     """Time one variant; an error (OOM included) is recorded in the row, not raised."""
     row = {"stage": stage, "variant": variant}
+    cuda = device.type == "cuda"
     try:
         step, losses = make_step(stage, variant, model, data, opt, args.backend)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)  # weights + optimizer state
         t = bench(step, device, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
         sec = t["median_ms"] / 1e3
         peak = peak_flops(device)
@@ -252,8 +260,10 @@ def run_variant(stage, variant, model, data, opt, device, args) -> dict:
             reps=t["reps"],
             tokens_per_s=data["real_tokens"] / sec,
             mfu=data["flops"] / sec / peak if peak else None,
-            peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30
-            if device.type == "cuda"
+            peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            # beyond weights + optimizer state: activations, logits, gradients, temporaries
+            peak_extra_gib=(torch.cuda.max_memory_allocated(device) - resident) / 2**30
+            if cuda
             else None,
             loss=float(losses[0]),
         )
@@ -465,8 +475,8 @@ def main(argv=None) -> int:
         "loss_tolerance": tol,
         "env": env_info(device),
     }
-    cols = ["stage", "variant", "tokens_per_s", "tokens_per_cpu_s", "mfu", "peak_mem_gib", "step_ms",
-            "pad_fraction", "loss", "error"]  # fmt: skip
+    cols = ["stage", "variant", "tokens_per_s", "tokens_per_cpu_s", "mfu", "peak_mem_gib",
+            "peak_extra_gib", "step_ms", "pad_fraction", "loss", "error"]  # fmt: skip
 
     def save() -> str:  # after every variant: a run killed by its time budget keeps its rows
         payload["compare"] = _e2e.compare(rows, tol)
