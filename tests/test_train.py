@@ -131,3 +131,15 @@ def test_oom_message_names_batch_settings(tmp_path, monkeypatch, capsys):
     assert rc == 4
     for key in ("optim.micro_batch=4", "data.max_tokens=256", "model.activation_checkpointing"):
         assert key in err, err
+
+
+def test_dpo_ipo_with_sft_term_runs(tmp_path):
+    out = run(tmp_path, "dpo_tiny", "data.synthetic_families=[count_ar]",
+              "data.synthetic_train=8", "optim.max_steps=2", "optim.global_batch=2",
+              "optim.micro_batch=1", "dpo.loss_type=ipo", "dpo.sft_weight=0.5",
+              "checkpoint.every_steps=0", "checkpoint.export_hf=false")  # fmt: skip
+    rows = metrics(out)
+    # step 1: policy == reference, so IPO's (margin - 1/(2 beta))^2 = 25 plus 0.5 x the chosen
+    # answers' mean NLL (~ln 1024 at init) gives loss ~ 25 + 3.5
+    assert 27.5 < rows[0]["loss"] < 29.5
+    assert (out / "done.json").is_file() and not (out / "hf").exists()

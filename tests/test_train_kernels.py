@@ -156,3 +156,31 @@ def test_activation_checkpointing_same_loss_and_grads():
     assert losses[0] == losses[1]  # the same ops, recomputed: bit-identical on CPU
     for (name, p), q in zip(plain.named_parameters(), ac.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_load_model_llama_dir_and_apply_kernels(tmp_path):
+    """A Llama-family checkpoint dir loads and the patched loss matches its own logits (no
+    logit_scale: scale 1); an unsupported architecture is refused by name."""
+    from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+
+    from r7b_fast.model import load_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    ref = load_model(str(tmp_path / "llama"))
+    assert type(ref).__name__ == "LlamaForCausalLM" and ref.config.use_cache is False
+    model = apply_kernels(copy.deepcopy(ref), attention=True, loss=True, backend="torch")
+    seqs = sequences(seed=2)
+    want_loss, want_grads = reference_loss_and_grads(ref, seqs)
+    packed = pack_sft(seqs, max_tokens=64)
+    batch = collate([packed.row(i) for i in range(len(packed))], "cpu")
+    loss, _ = train.sft_loss(model, batch, train.sft_count(batch).float(), None)
+    loss.backward()
+    assert loss.item() == pytest.approx(want_loss, rel=RTOL)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want_grads)
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="'gpt2' model"):
+        load_model(str(tmp_path / "gpt2"))
