@@ -192,6 +192,7 @@ def attn_bwd_delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, T, HEAD_DIM: tl.
 # 128x64 tiles, or the forward's three-loop split, spill 250-1000 B per thread to the stack.
 DKDV_CONFIGS = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)}
 DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+BWD_CONFIG_FP32 = (32, 32, 4, 2)  # fp32 'ieee' dots (no tensor cores): fits; dK/dV spills
 
 
 def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scale):
@@ -226,7 +227,8 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scal
             bm = bn = INTERP_BLOCK
             extra = {}
         else:
-            bm, bn, warps, stages = configs[D]
+            fp32 = q.dtype == torch.float32
+            bm, bn, warps, stages = BWD_CONFIG_FP32 if fp32 else configs[D]
             extra = {"num_warps": warps, "num_stages": stages}
         grid = (triton.cdiv(max_seqlen, bn if by_keys else bm), Hk if by_keys else Hq, B)
         kernel[grid](q, k, v, do, lse, delta, *outs, cu_seqlens, *args, BLOCK_M=bm, BLOCK_N=bn,

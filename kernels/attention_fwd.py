@@ -126,8 +126,11 @@ def attn_fwd_kernel(Q, K, V, Out, LSE, CU, stride_qt, stride_qh, stride_kt, stri
     tl.store(LSE + h.to(tl.int64) * T + start64 + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
-# GPU configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim; the interpreter uses 16x16.
+# GPU configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim for 16-bit inputs; fp32
+# inputs (exact 'ieee' dots, no tensor cores: a correctness path) take smaller tiles so that
+# D=128 fits shared memory (AOT: 128x64 needs 225 KB and spills). The interpreter uses 16x16.
 FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+FWD_CONFIG_FP32 = (64, 32, 4, 2)
 INTERP_BLOCK = 16
 
 
@@ -147,7 +150,7 @@ def attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
         bm = bn = INTERP_BLOCK
         extra = {}
     else:
-        bm, bn, warps, stages = FWD_CONFIGS[D]
+        bm, bn, warps, stages = FWD_CONFIG_FP32 if q.dtype == torch.float32 else FWD_CONFIGS[D]
         extra = {"num_warps": warps, "num_stages": stages}
     if B == 0 or T == 0:
         return out, lse
