@@ -62,7 +62,12 @@ PARTS=$(mktemp -d "${TMPDIR:-/tmp}/r7b-suite.XXXXXX")
 export R7B_RESULTS_DIR=$PARTS
 LOG=$DEST/$TAG.log
 : >"$LOG"
-exec > >(tee -a "$LOG") 2>&1
+exec 3>&1 4>&2 > >(tee -a "$LOG") 2>&1
+finish() { # restore stdout/stderr so tee sees EOF and flushes before the script ends
+  exec 1>&3 2>&4 3>&- 4>&-
+  sleep 1
+  exit "$1"
+}
 START=$(date +%s)
 FAILED=0
 
@@ -123,7 +128,6 @@ if [ "$INSTALL" = 1 ] && wanted install; then
   elif ls .whl/*.whl >/dev/null 2>&1; then
     step install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "=== [install] no .whl/ wheels: peers must already be installed (bash benchmarks/make_wheels.sh)"
   fi
@@ -131,6 +135,7 @@ if [ "$INSTALL" = 1 ] && wanted install; then
     step install_pkg 150 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
   fi
 fi
+if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 # ---------------------------------------------------------------------------- environment
@@ -218,6 +223,7 @@ echo "=== gpu_suite $TAG: $(($(date +%s) - START))s; files: $DEST/$TAG.{json,md,
 rm -rf "$PARTS"
 if [ "$FAILED" = 1 ]; then
   echo "gpu_suite: FAILED (see the steps above)"
-  exit 1
+  finish 1
 fi
 echo "gpu_suite: ok"
+finish 0
