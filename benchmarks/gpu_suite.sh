@@ -8,20 +8,29 @@
 # Options: --dry-run | --no-install | --budget SECONDS (default 510 GPU, 600 dry-run) |
 #          --only step1,step2 (names below) | --with-gpu-tests (also `pytest -m gpu`)
 #
-# Order (each step has its own time budget, and every step is cut to what is left of the
-# global --budget, so one hang cannot eat the lease; a step with < 10 s left is skipped):
-#   install   .whl/*.whl -> /tmp/site (PYTHONPATH); pip install --no-build-isolation --no-deps -e .
-#   env       GPU, driver, torch/triton/transformers/peer versions, peers importable?
-#   check_*   each kernel's --check at real shapes vs its torch reference; a failure is LOUD,
-#             skips that kernel's timing and the end-to-end steps, and makes the exit code 1
-#   aot       python -m r7b_fast.kernels.aot (registers, spills, smem, wgmma for sm_90)
-#   time_*    each kernel's benchmark vs peers
-#   train     benchmarks/train_step.py: SFT + DPO steps, ours vs HF vs HF+Liger
-#   merge, packing   CPU-side benchmarks, when present
-# Files (the device machine returns at most 8, <= 2 folders deep): DEST/TAG.json, DEST/TAG.md,
-# DEST/TAG.log, TAG = <UTC date>-<card> (cpu-dryrun for --dry-run); every part writes into a
-# scratch folder ($R7B_RESULTS_DIR) that is consolidated after each step, so a killed run still
-# leaves its results.
+# On the device machine (one call; ~8 min; the wheels come from `bash benchmarks/make_wheels.sh`
+# run here first): run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600).
+# Then copy $OUT's TAG.json/TAG.md into benchmarks/results/, run
+# `python -m benchmarks.render_results` (README table) and commit both.
+#
+# Order, each step's own budget (s) and what it should take on an H100. Every budget is cut to
+# what is left of the global --budget (510 s), so one hang cannot eat the lease; a step with
+# < 10 s left is skipped, so the least important steps come last:
+#   install       60  ~10  .whl/*.whl -> /tmp/site (PYTHONPATH)
+#   install_pkg  150  ~40  pip install --no-build-isolation --no-deps -e .  (CMake builds _merge)
+#   nvidia_smi    20   ~1
+#   env           60  ~15  torch/triton/transformers/peer versions, GPU, driver; peers importable?
+#   check_*      120  ~40  each kernel's --check at real shapes vs its torch reference; a failure
+#                          is LOUD, skips that kernel's timing and the end-to-end steps, exit 1
+#   aot           45  ~30  python -m r7b_fast.kernels.aot (registers, spills, smem, wgmma, sm_90)
+#   time_*     75/80  ~60  each kernel's benchmark vs peers (attention: --budget 60)
+#   train        200 ~150  benchmarks/train_step.py: SFT + DPO steps, ours vs HF vs HF+Liger
+#   merge         60  ~30  CPU-side benchmarks, when present
+#   packing       40  ~15
+# Files: DEST/TAG.json, DEST/TAG.md, DEST/TAG.log (DEST = $OUT, else benchmarks/results/; TAG =
+# <UTC date>-<card>, card cpu-dryrun for --dry-run): 3 files, as the device machine returns at
+# most 8. Every part writes into a scratch folder ($R7B_RESULTS_DIR) consolidated after each
+# step, so a run killed mid-way still leaves its results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -34,7 +43,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift ;;
     --only) ONLY=",$2,"; shift ;;
     --with-gpu-tests) GPU_TESTS=1 ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "gpu_suite: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -171,18 +180,18 @@ if [ "$GPU_TESTS" = 1 ] && [ "$DRY" = 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------- AOT report
-step aot 60 "$PY" -m r7b_fast.kernels.aot
+step aot 45 "$PY" -m r7b_fast.kernels.aot
 
 # ---------------------------------------------------------------------------- kernel timing
 # (--dry-run: the smallest shapes and budgets: it proves the plumbing, times nothing useful)
 if [ "$DRY" = 1 ]; then LL_ARGS=(--reps 1 --shape 16 32 40) ATT_ARGS=(--budget 5); else
-  LL_ARGS=() ATT_ARGS=(--budget 75); fi
+  LL_ARGS=() ATT_ARGS=(--budget 60); fi
 if [ "${OK[linear_logprobs]}" = 1 ]; then
-  step time_linear_logprobs 90 "$PY" -m benchmarks.linear_logprobs ${LL_ARGS[@]+"${LL_ARGS[@]}"}
+  step time_linear_logprobs 75 "$PY" -m benchmarks.linear_logprobs ${LL_ARGS[@]+"${LL_ARGS[@]}"}
   [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi
 if [ "${OK[attention]}" = 1 ]; then
-  step time_attention 100 "$PY" -m benchmarks.attention ${ATT_ARGS[@]+"${ATT_ARGS[@]}"}
+  step time_attention 80 "$PY" -m benchmarks.attention ${ATT_ARGS[@]+"${ATT_ARGS[@]}"}
   [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi
 
