@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift ;;
     --only) ONLY=",$2,"; shift ;;
     --with-gpu-tests) GPU_TESTS=1 ;;
-    -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_suite: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
