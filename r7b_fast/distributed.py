@@ -153,6 +153,23 @@ def parallelize(
     return model
 
 
+def materialize(model: nn.Module, dist: Dist, full_state_dict, buffers: dict) -> None:
+    """Give a model built on the meta device (then sharded) real storage on `dist.device` and
+    its weights: rank 0 passes `full_state_dict` (every tensor, CPU), other ranks `{}`; rank 0
+    broadcasts and every rank keeps its shards, so the host holds one copy of the weights, not
+    one per process. `buffers`: the non-persistent buffers by HF name (model.fresh_buffers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=dist.device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[unwrap_layer_names(name)])
+    if dist.is_main and getattr(model.config, "tie_word_embeddings", False):
+        full_state_dict.setdefault("lm_head.weight", full_state_dict["model.embed_tokens.weight"])
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state_dict, options=opts)
+
+
 def unwrap_layer_names(name: str) -> str:
     """A parameter name without activation-checkpoint wrapper prefixes (HF names)."""
     return name.replace("_checkpoint_wrapped_module.", "")

@@ -113,10 +113,47 @@ def load_model(
             f"{sorted(SUPPORTED_MODEL_TYPES)}"
         )
     config.use_cache = False
+    if torch.device(device).type == "meta":  # shapes only: weights come later (sharded load)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn_implementation
+            )
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, attn_implementation=attn_implementation
     )
     return model.to(device)
+
+
+def read_hf_weights(path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in checkpoint dir `path`, on CPU, floats in `dtype`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"read_hf_weights: no *.safetensors in {path}")
+    out = {}
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def fresh_buffers(model) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (rotary `inv_freq`...) recomputed on CPU from the config, by name:
+    what a model built on the meta device needs after `to_empty`. Each module owning such buffers
+    must be constructible as `type(module)(config=model.config)` (HF rotary embeddings are)."""
+    out = {}
+    for mname, module in model.named_modules():
+        names = getattr(module, "_non_persistent_buffers_set", ())
+        if not names:
+            continue
+        with torch.device("cpu"):
+            fresh = type(module)(config=model.config)
+        for b in names:
+            out[f"{mname}.{b}" if mname else b] = getattr(fresh, b).detach().clone()
+    return out
 
 
 SUPPORTED_MODEL_TYPES = {"cohere2", "cohere", "llama", "mistral", "qwen2"}

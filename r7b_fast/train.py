@@ -160,23 +160,26 @@ def load_tokenizer(cfg: Config):
 
 def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
     """Load/build the model, then the transforms in order: kernels, activation checkpointing,
-    FSDP2 (distributed.parallelize documents the last two)."""
-    from r7b_fast.model import apply_kernels, load_model
+    FSDP2 (distributed.parallelize documents the last two). Under torchrun a checkpoint is
+    built on the meta device, sharded, then filled from rank 0's copy of the weights."""
+    from r7b_fast.model import apply_kernels, fresh_buffers, load_model, read_hf_weights
 
     dtype, mixed = compute_dtypes(cfg, dist.device)
     attn = "sdpa" if cfg.model.attention == "varlen" else cfg.model.attention
+    sharded_load = dist.distributed and cfg.model.path != "tiny"
     model = load_model(
         cfg.model.path,
         dtype,
         tiny_overrides=cfg.model.tiny_overrides,
         seed=cfg.run.seed,
         attn_implementation=attn,
-        device=dist.device,
+        device="meta" if sharded_load else dist.device,
     )
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
             f"data.tokenizer: {len(tokenizer)} tokens > model vocab {model.config.vocab_size}"
         )
+    buffers = fresh_buffers(model) if sharded_load else None
     apply_kernels(
         model,
         attention=cfg.model.attention == "varlen",
@@ -189,6 +192,9 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
         mixed_precision=mixed,
         activation_checkpointing=cfg.model.activation_checkpointing,
     )
+    if sharded_load:
+        weights = read_hf_weights(cfg.model.path, dtype) if dist.is_main else {}
+        distributed.materialize(model, dist, weights, buffers)
     return model
 
 

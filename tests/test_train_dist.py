@@ -84,3 +84,22 @@ def test_sigkill_then_resume_is_bit_identical(single, tmp_path):
         assert torch.equal(p1[k], p2[k]), f"{k} differs after a kill at step {kill_at}"
     final = {r["step"]: r["loss"] for r in metrics(out)}
     assert final[6] == metrics(single)[-1]["loss"], kill_at
+
+
+def test_torchrun_sharded_load_of_a_checkpoint_dir(single, tmp_path):
+    """Under torchrun an HF checkpoint is built on the meta device, sharded, and filled from
+    rank 0's copy (with activation checkpointing): same losses as one process loading it."""
+    extra = [f"model.path={single / 'hf'}", "model.tiny_overrides={}", "optim.max_steps=2",
+             "model.activation_checkpointing=true", "checkpoint.export_hf=false"]  # fmt: skip
+    outs = {}
+    for name, torchrun in (("one", False), ("two", True)):
+        outs[name] = tmp_path / name
+        proc = subprocess.run(command(outs[name], *extra, torchrun=torchrun), env=ENV,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metrics(outs["one"]), metrics(outs["two"])
+    assert len(one) == len(two) == 2
+    assert one[0]["loss"] < metrics(single)[0]["loss"] - 0.01  # started from the trained export
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
