@@ -424,6 +424,11 @@ def run(cfg: Config) -> dict:
             world_size=dist.world_size,
             device=str(dist.device),
         )
+        logger.message(
+            f"r7b_fast.train: {cfg.run.stage} on {dist.world_size} x {dist.device}, "
+            f"{accum} micro-batch(es) of {cfg.optim.micro_batch} x {cfg.data.max_tokens} tokens "
+            f"per step per process -> {out}"
+        )
         t0 = time.time()
         torch.manual_seed(cfg.run.seed)
         tokenizer = load_tokenizer(cfg)
