@@ -180,7 +180,8 @@ if [ "$GPU_TESTS" = 1 ] && [ "$DRY" = 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------- AOT report
-step aot 45 "$PY" -m r7b_fast.kernels.aot
+# (compiles for sm_90 without a GPU; the interpreter must be off, also in --dry-run)
+step aot 45 env -u TRITON_INTERPRET "$PY" -m r7b_fast.kernels.aot
 
 # ---------------------------------------------------------------------------- kernel timing
 # (--dry-run: the smallest shapes and budgets: it proves the plumbing, times nothing useful)

@@ -46,14 +46,11 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _goal(metric, value, goal, higher=True) -> dict:
-    ok = None if value is None else (value >= goal if higher else value <= goal)
-    return {
-        "metric": metric,
-        "value": value,
-        "goal": f"{'>=' if higher else '<='} {goal}",
-        "ok": ok,
-    }
+def _goal(metric, value, goal, higher=True, applies=True) -> dict:
+    """A goal row; `applies=False` (a CPU run: the goals are the H100's) shows no verdict."""
+    ok = None if value is None or not applies else (value >= goal if higher else value <= goal)
+    goal_s = f"{'>=' if higher else '<='} {goal}" + ("" if applies else " (GPU)")
+    return {"metric": metric, "value": value, "goal": goal_s, "ok": ok}
 
 
 def _tol(part: dict, stage: str):
@@ -67,6 +64,7 @@ def train_step_summary(part: dict) -> list[dict]:
     by = {(r["stage"], r["variant"]): r for r in rows if "error" not in r}
     layers = part.get("config", {}).get("num_hidden_layers")
     pre = f"e2e ({layers} layers) "
+    on_gpu = bool(part.get("env", {}).get("gpu"))
     out = []
     ours_sft = by.get(("sft", "ours"))
     if ours_sft:
@@ -92,7 +90,7 @@ def train_step_summary(part: dict) -> list[dict]:
             if goal is None:
                 out.append({"metric": pre + metric, "value": cmp_[key], "goal": None, "ok": None})
             else:
-                out.append(_goal(pre + metric, cmp_[key], goal, higher))
+                out.append(_goal(pre + metric, cmp_[key], goal, higher, applies=on_gpu))
     for stage in ("sft", "dpo"):
         if f"{stage}_loss_ok" in cmp_:
             out.append({"metric": f"{pre}{stage.upper()} loss ours vs HF (rel. diff)",
@@ -146,11 +144,11 @@ def consolidate(parts_dir: Path, dest: Path, tag: str) -> dict:
 
 
 def steps_table(steps: list[dict]) -> str:
-    return (
-        table(steps, ["step", "status", "seconds", "budget_s", "command"])
-        if steps
-        else "(no steps)"
-    )
+    """Steps with their commands cut to 90 characters (the JSON keeps them whole)."""
+    if not steps:
+        return "(no steps)"
+    short = [dict(s, command=(s.get("command") or "")[:90]) for s in steps]
+    return table(short, ["step", "status", "seconds", "budget_s", "command"])
 
 
 def summary_table(rows: list[dict]) -> str:
