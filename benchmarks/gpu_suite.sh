@@ -50,7 +50,8 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+# The GPU machine has no network: nothing may wait on a connection (pip's version check, the Hub).
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   BUDGET=${BUDGET:-600}
@@ -141,7 +142,7 @@ if [ "$INSTALL" = 1 ] && wanted install; then
     echo "=== [install] no .whl/ wheels: peers must already be installed (bash benchmarks/make_wheels.sh)"
   fi
   if [ "$DRY" = 0 ]; then
-    step install_pkg 150 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+    step install_pkg 150 "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
   fi
 fi
 if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
