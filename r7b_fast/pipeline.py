@@ -44,15 +44,15 @@ from pathlib import Path
 
 import yaml
 
-EXPERT_KEYS = {"name", "families", "overrides"}
+EXPERT_KEYS = {"name", "families", "files", "overrides"}
 TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
             "online_dpo", "eval"}  # fmt: skip
 SECTION_KEYS = {
     "base": {"path", "tiny_overrides", "pretrain"},
     "data": {"n_train", "n_eval", "difficulty", "system"},
     "sft": {"config", "experts", "merge_weights", "ablation", "ablation_metric"},
-    "dpo": {"config", "families", "overrides", "merge_weights"},
-    "online_dpo": {"config", "families", "rounds", "overrides", "merge_weights"},
+    "dpo": {"config", "families", "files", "overrides", "merge_weights"},
+    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights"},
     "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
 }
 
@@ -116,8 +116,8 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
         raise PipelineError("sft.experts: need at least one expert")
     for i, e in enumerate(experts):
         _check_keys(f"sft.experts[{i}]", e, EXPERT_KEYS)
-        if not e.get("name") or not e.get("families"):
-            raise PipelineError(f"sft.experts[{i}]: needs `name` and `families`")
+        if not e.get("name") or not (e.get("families") or e.get("files")):
+            raise PipelineError(f"sft.experts[{i}]: needs `name` and `families` and/or `files`")
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     for sec in ("dpo", "online_dpo"):
         if spec[sec]:
@@ -157,7 +157,7 @@ def build_stages(spec: dict) -> list[Stage]:
     """The recipe as a list of stages in execution order (each depends only on earlier ones)."""
     sft, dpo, onl, ev = spec["sft"], spec["dpo"], spec["online_dpo"], spec["eval"]
     seed = int(spec.get("seed", 0))
-    used = [f for e in sft["experts"] for f in e["families"]]
+    used = [f for e in sft["experts"] for f in e.get("families") or []]
     used += list(dpo.get("families") or []) + list(onl.get("families") or [])
     eval_fams = list(ev.get("families") or dict.fromkeys(used))
     d = spec["data"]
@@ -181,7 +181,7 @@ def build_stages(spec: dict) -> list[Stage]:
         stages.append(Stage(f"eval_{model}", "eval", ["data", model], {"model": model,
                             **eval_spec}, label=label))  # fmt: skip
 
-    def add_train(name, cfg, model, files, overrides, label):
+    def add_train(name, cfg, model, files, overrides, label, seed=seed):
         ov = {**(spec.get("train_overrides") or {}), **(overrides or {}), "run.seed": seed}
         path = _config_file(spec, cfg)
         stages.append(Stage(name, "train", ["data", model], {
@@ -191,15 +191,15 @@ def build_stages(spec: dict) -> list[Stage]:
 
     base = spec["base"]
     if base.get("path", "tiny") == "tiny":
-        stages.append(Stage("init", "init", [], {"tiny_overrides": base.get("tiny_overrides")
-                            or {}, "seed": seed}))  # fmt: skip
-        model = "init"
+        init = {"tiny_overrides": base.get("tiny_overrides") or {}, "seed": seed}
+        stages.append(Stage("init", "init", [], init, label="base"))
     else:
-        stages.append(Stage("init", "external", [], {"path": str(Path(base["path"]).resolve())}))
-        model = "init"
+        init = {"path": str(Path(base["path"]).resolve())}
+        stages.append(Stage("init", "external", [], init, label="base"))
+    model = "init"
     pre = base.get("pretrain")
     if pre:
-        files = [[f, "sft"] for f in pre["families"]]
+        files = _files(spec, pre, "sft")
         add_train("pretrain", pre["config"], model, files, pre.get("overrides"), "base")
         model = "pretrain"
     else:
@@ -207,7 +207,7 @@ def build_stages(spec: dict) -> list[Stage]:
     experts = []
     for e in sft["experts"]:
         name = f"sft_{e['name']}"
-        files = [[f, "sft"] for f in e["families"]]
+        files = _files(spec, e, "sft")
         add_train(name, sft["config"], model, files, e.get("overrides"), f"SFT expert {e['name']}")
         experts.append(name)
     stages.append(Stage("sft_merge", "merge", experts, {"models": experts,
@@ -222,7 +222,7 @@ def build_stages(spec: dict) -> list[Stage]:
         add_eval("sft_merge_perf", "SFT merged (perf-weighted, ablation)")
     model = "sft_merge"
     if dpo:
-        files = [[f, "pref"] for f in dpo["families"]]
+        files = _files(spec, dpo, "pref")
         add_train("dpo", dpo["config"], model, files, dpo.get("overrides"), "offline DPO expert")
         stages.append(Stage("dpo_merge", "merge", ["dpo", model], {"models": ["dpo", model],
                             "weights": dpo.get("merge_weights")}, label="DPO merged"))  # fmt: skip
@@ -231,14 +231,26 @@ def build_stages(spec: dict) -> list[Stage]:
     if onl:
         prev = model
         for r in range(1, int(onl.get("rounds", 1)) + 1):
-            files = [[f, "sft"] for f in onl["families"]]
-            add_train(f"online_r{r}", onl["config"], prev, files, onl.get("overrides"),
-                      f"on-policy DPO round {r}")  # fmt: skip
+            files = _files(spec, onl, "sft")
+            # one trainer run per round (each from the previous round, its own sampling seed)
+            ov = {**(onl.get("overrides") or {}), "online.rounds": 1}
+            add_train(f"online_r{r}", onl["config"], prev, files, ov,
+                      f"on-policy DPO round {r}", seed=seed + r - 1)  # fmt: skip
             prev = f"online_r{r}"
         stages.append(Stage("online_merge", "merge", [prev, model], {"models": [prev, model],
                             "weights": onl.get("merge_weights")}, label="on-policy merged"))  # fmt: skip
         add_eval("online_merge", "on-policy DPO merged (final)")
     return stages
+
+
+def _files(spec: dict, sec: dict, kind: str) -> list[list[str]]:
+    """[name, kind] pairs for a train stage: generated families (`kind` = sft or pref) and user
+    dataset `files` (absolute paths; relative ones resolve against the pipeline YAML's dir)."""
+    out = [[f, kind] for f in sec.get("families") or []]
+    for f in sec.get("files") or []:
+        p = Path(f) if Path(f).is_absolute() else Path(spec["_dir"]) / f
+        out.append([str(p), "file"])
+    return out
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
@@ -302,6 +314,9 @@ class Context:
         return model_dir(self.work, stage, self.stages)
 
     def data_file(self, family: str, kind: str) -> Path:
+        """A generated family's file, or (kind "file") a user dataset path as given."""
+        if kind == "file":
+            return Path(family)
         return self.work / "data" / family / f"{kind}.jsonl"
 
 
@@ -519,7 +534,7 @@ def write_pipeline_report(ctx: Context, stages: list[Stage]) -> dict:
         if st.kind == "eval":
             m = read_json(d / "eval.json")
             if m is not None:
-                results.append((ctx.stages[st.spec["model"]].label or st.spec["model"], m))
+                results.append((st.label or st.spec["model"], m))
         elif st.kind == "train" and (d / "metrics.jsonl").is_file():
             metrics_files[st.name] = d / "metrics.jsonl"
         elif st.kind == "merge":

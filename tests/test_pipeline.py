@@ -1,0 +1,260 @@
+"""r7b_fast.pipeline: a micro recipe end to end (real trainer subprocesses, real merges), merge
+weights checked against numpy, rerun skips, a stage killed part-way is redone, --from, spec
+validation. The micro pipeline runs once per module (tiny model, 2 steps per stage)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from r7b_fast import pipeline as pl
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+MICRO = {
+    "work_dir": "WORK",
+    "seed": 0,
+    "base": {"path": "tiny", "tiny_overrides": TINY},
+    "data": {"n_train": 16, "n_eval": 4},
+    "train_overrides": {
+        "optim.max_steps": 2,
+        "optim.global_batch": 2,
+        "optim.micro_batch": 2,
+        "optim.warmup_steps": 1,
+        "data.max_tokens": 128,
+        "checkpoint.every_steps": 1,
+    },  # fmt: skip
+    "sft": {
+        "config": "demo_sft",
+        "experts": [
+            {"name": "math", "families": ["arith_ar"]},
+            {"name": "skills", "families": ["digits_ar"]},
+        ],  # fmt: skip
+        "ablation": "performance",
+        "ablation_metric": "loss",  # an untrained model's accuracy is 0: loss gives real weights
+    },
+    "dpo": {"config": "demo_dpo", "families": ["arith_ar"], "merge_weights": [0.7, 0.3]},
+    "online_dpo": {
+        "config": "demo_online_dpo",
+        "families": ["arith_ar"],
+        "rounds": 1,
+        "overrides": {
+            "online.prompts_per_round": 4,
+            "online.num_samples": 2,
+            "online.max_new_tokens": 4,
+        },  # fmt: skip
+    },
+    "eval": {"families": ["arith_ar", "digits_ar"], "n_per_family": 2, "max_new_tokens": 4},
+}
+
+
+def write_spec(path: Path, work: Path, **changes) -> Path:
+    spec = json.loads(json.dumps(MICRO))
+    spec["work_dir"] = str(work)
+    for key, value in changes.items():
+        sec, _, sub = key.partition(".")
+        if sub:
+            spec[sec][sub] = value
+        else:
+            spec[sec] = value
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro")
+    yml = write_spec(root / "micro.yaml", root / "work")
+    out = pl.run_pipeline(pl.load_pipeline(str(yml)), log=lambda *a: None)
+    return root, yml, out
+
+
+def read_model(hf: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def records(work: Path) -> dict[str, dict]:
+    return {d.name: json.loads((d / "record.json").read_text())
+            for d in work.iterdir() if (d / "record.json").is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_micro_pipeline_end_to_end(micro):
+    root, _, out = micro
+    work = root / "work"
+    names = [s.name for s in pl.build_stages(pl.load_pipeline(str(root / "micro.yaml")))]
+    assert set(out["stages"]) == set(names) and set(out["stages"].values()) == {"ran"}
+    recs = records(work)
+    assert set(recs) == set(names)
+    for rec in recs.values():
+        assert len(rec["hash"]) == 16 and rec["seconds"] >= 0
+    for st in ("sft_math", "sft_skills", "dpo", "online_r1"):
+        assert (work / st / "done.json").is_file() and (work / st / "hf" / "config.json").is_file()
+        assert recs[st]["result"]["trainer"]["steps"] == 2
+    ev = json.loads((work / "eval_online_merge" / "eval.json").read_text())
+    for key in ("acc/arith_ar", "acc/digits_ar", "acc_lang/ar", "acc/mean", "loss/arith_ar"):
+        assert key in ev
+    assert 0 < ev["loss"] < math.log(1024) + 1  # near-uniform but finite for a 2-step model
+    rep = json.loads(Path(out["report"]["json"]).read_text())
+    labels = [s["stage"] for s in rep["stages"]]
+    assert labels[0] == "base" and labels[-1] == "on-policy DPO merged (final)"
+    assert len(labels) == sum(1 for n in names if n.startswith("eval_"))
+    for key in ("accuracy_png", "loss_png", "md"):
+        assert Path(out["report"][key]).is_file()
+    for label in labels:
+        assert f"| {label} |" in out["table"]
+
+
+@pytest.mark.slow
+def test_merge_weights_equal_by_default_configurable_and_ablation(micro):
+    root, _, out = micro
+    work = root / "work"
+    recs = records(work)
+    math_, skills = read_model(work / "sft_math" / "hf"), read_model(work / "sft_skills" / "hf")
+
+    def check(stage, models, weights):
+        got = read_model(work / stage / "hf")
+        assert set(got) == set(models[0])
+        for name, x in got.items():
+            want = sum(w * m[name].astype(np.float64) for w, m in zip(weights, models))
+            # fp32 accumulation of 2 terms, rounded once to fp32: <= 1 ulp-ish
+            np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7)
+
+    assert recs["sft_merge"]["result"]["weights"] == [0.5, 0.5]  # equal by default
+    check("sft_merge", [math_, skills], [0.5, 0.5])
+    assert recs["dpo_merge"]["result"]["weights"] == pytest.approx([0.7, 0.3])  # configured
+    check("dpo_merge", [read_model(work / "dpo" / "hf"), read_model(work / "sft_merge" / "hf")],
+          [0.7, 0.3])  # fmt: skip
+    # ablation: weights proportional to exp(-held-out loss) of each expert
+    losses = [json.loads((work / f"eval_{e}" / "eval.json").read_text())["loss"]
+              for e in ("sft_math", "sft_skills")]  # fmt: skip
+    s = [math.exp(-x) for x in losses]
+    want = [x / sum(s) for x in s]
+    perf = recs["sft_merge_perf"]["result"]
+    assert perf["weights"] == pytest.approx(want, rel=1e-12)
+    check("sft_merge_perf", [math_, skills], want)
+    assert "| sft_merge_perf |" in out["ablation"]
+    assert "| sft_merge | 0.500, 0.500 |" in out["ablation"]
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_from_redoes_the_tail(micro):
+    root, yml, _ = micro
+    work = root / "work"
+    before = {n: r["finished"] for n, r in records(work).items()}
+    out = pl.run_pipeline(pl.load_pipeline(str(yml)), log=lambda *a: None)
+    assert set(out["stages"].values()) == {"skipped"}
+    assert {n: r["finished"] for n, r in records(work).items()} == before
+    out = pl.run_pipeline(pl.load_pipeline(str(yml)), from_stage="online_merge",
+                          log=lambda *a: None)  # fmt: skip
+    redone = {n for n, s in out["stages"].items() if s == "ran"}
+    assert redone == {"online_merge", "eval_online_merge"}
+    assert records(work)["online_merge"]["start"] == "wiped"
+    with pytest.raises(pl.PipelineError, match="unknown stage"):
+        pl.run_pipeline(pl.load_pipeline(str(yml)), from_stage="nope", log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_stage_killed_part_way_is_redone(micro):
+    """A slowed on-policy round is killed mid-training; the rerun redoes it (resuming the
+    trainer's checkpoint) and everything downstream, skipping everything upstream."""
+    root, _, _ = micro
+    work = root / "work"
+    ov = dict(MICRO["online_dpo"]["overrides"], **{"debug.step_sleep": 3.0})
+    yml = write_spec(root / "kill.yaml", work, **{"online_dpo.overrides": ov})
+    before = records(work)
+    proc = subprocess.Popen([sys.executable, "-m", "r7b_fast.pipeline", str(yml)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    metrics = work / "online_r1" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and '"step": 1' in metrics.read_text():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the pipeline finished before it could be killed"
+        assert '"step": 1' in metrics.read_text(), "online_r1 never reached step 1"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (work / "online_r1" / "record.json").exists()
+    assert (work / "online_r1" / "started.json").exists()
+    out = pl.run_pipeline(pl.load_pipeline(str(yml)), log=lambda *a: None)
+    ran = {n for n, s in out["stages"].items() if s == "ran"}
+    assert ran == {"online_r1", "eval_online_r1", "online_merge", "eval_online_merge"}
+    after = records(work)
+    assert after["online_r1"]["start"] == "resume"
+    assert after["sft_merge"]["finished"] == before["sft_merge"]["finished"]
+    assert '"event": "resume"' in metrics.read_text()  # the trainer picked up its checkpoint
+    assert after["online_r1"]["result"]["trainer"]["steps"] == 2
+
+
+def test_stage_hash_depends_on_spec_and_upstream():
+    a = pl.Stage("a", "train", [], {"x": 1})
+    b = pl.Stage("b", "merge", ["a"], {"y": 2})
+    h1 = pl.stage_hash(b, {"a": pl.stage_hash(a, {})})
+    a2 = pl.Stage("a", "train", [], {"x": 2})
+    assert pl.stage_hash(b, {"a": pl.stage_hash(a2, {})}) != h1
+    assert pl.stage_hash(b, {"a": pl.stage_hash(a, {})}) == h1
+
+
+def test_performance_weights():
+    assert pl.performance_weights([1.0, 3.0]) == [0.25, 0.75]
+    assert pl.performance_weights([0.0, 0.0]) == [0.5, 0.5]
+    with pytest.raises(ValueError):
+        pl.performance_weights([-1.0, 1.0])
+    assert pl.metric_score({"loss": 2.0}, "loss") == pytest.approx(math.exp(-2.0))
+    assert pl.metric_score({"acc/mean": 0.4}, "acc/mean") == 0.4
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"bogus": 1}, "unknown keys"),
+        ({"sft.merge_weights": [1.0]}, "sft.merge_weights"),
+        ({"sft.merge_weights": [-1.0, 2.0]}, "sft.merge_weights"),
+        ({"sft.experts": []}, "sft.experts"),
+        ({"online_dpo.rounds": 0}, "online_dpo.rounds"),
+        ({"sft.ablation": "best"}, "sft.ablation"),
+        ({"nproc": 0}, "nproc"),
+    ],
+)
+def test_spec_validation(tmp_path, change, match):
+    yml = write_spec(tmp_path / "p.yaml", tmp_path / "w", **change)
+    with pytest.raises(pl.PipelineError, match=match):
+        pl.load_pipeline(str(yml))
+
+
+def test_builtin_pipelines_compile():
+    for name in ("pipeline_demo", "pipeline_r7b"):
+        stages = pl.build_stages(pl.load_pipeline(name))
+        names = [s.name for s in stages]
+        assert names.index("sft_merge") < names.index("dpo") < names.index("online_merge")
+        for i, st in enumerate(stages):  # dependencies always come first
+            assert all(names.index(d) < i for d in st.deps)
+
+
+def test_train_command_uses_torchrun_when_nproc_gt_1(tmp_path):
+    spec = pl.load_pipeline(str(write_spec(tmp_path / "p.yaml", tmp_path / "w", nproc=2)))
+    st = next(s for s in pl.build_stages(spec) if s.kind == "train")
+    ctx = pl.Context(spec, tmp_path / "w", {})
+    cmd = pl.train_command(st, tmp_path / "w" / st.name, ctx)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:7] == ["-m", "r7b_fast.train"]
+    assert f"run.output_dir={tmp_path / 'w' / st.name}" in cmd
