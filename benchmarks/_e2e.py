@@ -263,6 +263,7 @@ def make_data(stage: str, cfg, args, rng) -> dict:
         "padded_tokens": padded,
         "micro_batches_hf": len(batches),
         "flops": step_flops(cfg, lens, n_targets),
+        "seq_lens": lens,
         **extra,
     }
 

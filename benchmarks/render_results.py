@@ -91,6 +91,23 @@ def train_step_summary(part: dict) -> list[dict]:
                 out.append({"metric": pre + metric, "value": cmp_[key], "goal": None, "ok": None})
             else:
                 out.append(_goal(pre + metric, cmp_[key], goal, higher, applies=on_gpu))
+    big = by.get(("sft", "ours_max"))
+    if big:
+        pre_big = f"e2e ({big.get('layers')} layers, ours alone) SFT "
+        out.append(
+            {"metric": pre_big + "tokens/s", "value": big["tokens_per_s"], "goal": None, "ok": None}
+        )
+        if big.get("mfu") is not None:
+            out.append(_goal(pre_big + "MFU", big["mfu"], 0.45))
+        if big.get("peak_mem_gib") is not None:
+            out.append(
+                {
+                    "metric": pre_big + "peak GiB",
+                    "value": big["peak_mem_gib"],
+                    "goal": None,
+                    "ok": None,
+                }
+            )
     for stage in ("sft", "dpo"):
         if f"{stage}_loss_ok" in cmp_:
             out.append({"metric": f"{pre}{stage.upper()} loss ours vs HF (rel. diff)",

@@ -219,15 +219,16 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
 
 
 STEP_FNS = {
-    "sft": {"hf": sft_hf, "hf_liger": sft_liger, "ours": sft_ours},
-    "dpo": {"hf": dpo_hf, "hf_liger": dpo_liger, "ours": dpo_ours},
+    "sft": {"hf": sft_hf, "hf_liger": sft_liger, "ours": sft_ours, "ours_max": sft_ours},
+    "dpo": {"hf": dpo_hf, "hf_liger": dpo_liger, "ours": dpo_ours, "ours_max": dpo_ours},
 }
 
 
 def make_step(stage: str, variant: str, model, data: dict, opt, backend: str = "auto"):
     """One optimizer step of `variant` on the stage's data: zero grads, fwd+bwd, AdamW."""
-    inputs = data["rows"] if variant == "ours" else data["batches"]
-    kw = {"backend": backend} if variant == "ours" else {}
+    ours = variant.startswith("ours")
+    inputs = data["rows"] if ours else data["batches"]
+    kw = {"backend": backend} if ours else {}
     if stage == "sft":
         fwd_bwd = STEP_FNS[stage][variant](model, inputs, data["n_targets"], **kw)
     else:
@@ -321,6 +322,12 @@ def parse_args(argv=None):
         "--name", default=None, help="results file stem (default train_step[_cpu_tiny])"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ours-max",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPU: also SFT with ours alone at the most layers it fits (variant ours_max)",
+    )
     ap.add_argument(
         "--interleave",
         action=argparse.BooleanOptionalAction,
@@ -431,8 +438,10 @@ def run_group(variants, stages, cfg, data, device, dtype, args, rows, save) -> i
         for stage in stages:
             d = data[stage]
             r = run_variant(stage, variant, model, d, opt, device, args)
-            slots = args.rows * args.max_tokens if variant == "ours" else d["padded_tokens"]
+            packed = variant.startswith("ours")
+            slots = args.rows * args.max_tokens if packed else d["padded_tokens"]
             r.update(real_tokens=d["real_tokens"], pad_fraction=1 - d["real_tokens"] / slots)
+            r["layers"] = cfg.num_hidden_layers
             rows.append(r)
             print(f"[train_step] {stage}/{variant}: {r}", flush=True)
             save()
@@ -475,7 +484,7 @@ def main(argv=None) -> int:
         "loss_tolerance": tol,
         "env": env_info(device),
     }
-    cols = ["stage", "variant", "tokens_per_s", "tokens_per_cpu_s", "mfu", "peak_mem_gib",
+    cols = ["stage", "variant", "layers", "tokens_per_s", "tokens_per_cpu_s", "mfu", "peak_mem_gib",
             "peak_extra_gib", "step_ms", "pad_fraction", "loss", "error"]  # fmt: skip
 
     def save() -> str:  # after every variant: a run killed by its time budget keeps its rows
@@ -495,6 +504,17 @@ def main(argv=None) -> int:
     groups = [[v for v in variants if v == "ours"], [v for v in variants if v != "ours"]]
     for group in filter(None, groups) if not args.interleave else ():
         payload["params"] = run_group(group, stages, cfg, data, device, dtype, args, rows, save)
+    if args.ours_max and "ours" in variants and "sft" in stages and (plan or args.dry_run):
+        # The largest model our path alone fits (plan['layers_ours']): SFT, same tokens (the
+        # dry-run exercises this path with a tiny model of twice the layers).
+        big = _e2e.model_config(
+            plan["layers_ours"] if plan else 2 * cfg.num_hidden_layers, tiny=not plan
+        )
+        d = dict(
+            data["sft"],
+            flops=_e2e.step_flops(big, data["sft"]["seq_lens"], data["sft"]["n_targets"]),
+        )
+        run_group(["ours_max"], ["sft"], big, {"sft": d}, device, dtype, args, rows, save)
     table = save()
     print(table)
     ok = all("error" not in r for r in rows if r["variant"] == "ours") and all(
