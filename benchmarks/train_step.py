@@ -418,7 +418,7 @@ def run_interleaved(variants, stages, cfg, data, device, dtype, args, rows, save
                          "step_ms_p20_p80": [round(1e3 * x, 2) for x in np.quantile(wall[v], [0.2, 0.8])],
                          "tokens_per_s": d["real_tokens"] / sec,
                          "tokens_per_cpu_s": d["real_tokens"] / statistics.median(cpu[v]),
-                         "mfu": None, "peak_mem_gib": None, "loss": float(losses[0]),
+                         "mfu": None, "peak_mem_gib": None, "loss": float(losses[0]), "layers": cfg.num_hidden_layers,
                          "real_tokens": d["real_tokens"], "pad_fraction": 1 - d["real_tokens"] / slots})  # fmt: skip
             print(f"[train_step] {stage}/{v}: {rows[-1]}", flush=True)
         save()
