@@ -3,29 +3,35 @@
 A Cohere2 with Command R7B's layer shapes (hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP
 14336, vocab 256000, window 4096, logit_scale, tied embeddings) and as many layers as fit the
 memory budget (default 78 GiB: one 80 GB card) with AdamW in bf16 params + fp32 state
-(`_e2e.plan_layers`, printed and stored). One optimizer step covers `--rows` packed rows of
-`--max-tokens` tokens drawn from realistic (lognormal) lengths; every variant trains on exactly
-the same sequences, so the same real tokens:
+(`_e2e.plan_layers`: 6 layers fit every variant at 8192-token micro-batches, HF's materialised
+logits being the binding term; 14 fit ours alone, run as `ours_max`). One optimizer step covers
+`--rows` packed rows of `--max-tokens` tokens drawn from realistic (lognormal) lengths; every
+variant trains on exactly the same sequences, so the same real tokens:
 
 | variant   | SFT                                                    | DPO (sigmoid, beta 0.1)                     |
 | --------- | ------------------------------------------------------ | ------------------------------------------- |
 | hf        | sdpa, padded micro-batches, `model(labels=...)`        | TRL-style: [2B, L] padded pairs, `.logits`, TRL's `selective_log_softmax` |
 | hf_liger  | sdpa, padded, Liger fused linear cross-entropy          | sdpa, padded pairs, Liger fused linear DPO   |
 | ours      | `apply_kernels`: packed rows, varlen attention, `linear_logprobs` | the same on packed pairs, `r7b_fast.losses.dpo_loss` |
+| ours_max  | ours, SFT, at `plan['layers_ours']` layers (GPU)        | -                                           |
 
 Padded micro-batches keep the data order and grow while batch x longest <= max_tokens (a
 generous baseline: no sort by length). DPO references are precomputed for every variant (fixed
 per pair), so no reference model is in memory; Liger's DPO gets `use_ref_model=False`, which
 costs the same as precomputed references. The learning rate defaults to 0: the optimizer does
 all its arithmetic but the weights stay put, so every variant sees the same model and their
-first-step losses must agree (checked: `loss_check`).
+first-step losses must agree (`compare` in the JSON: `*_loss_ok`; exit code 1 otherwise).
 
 Reported per variant: tokens/s of real (non-pad) tokens, MFU = model FLOPs of the real tokens
-(`_e2e.step_flops`) / time / the card's dense bf16 peak, peak memory, loss.
+(`_e2e.step_flops`) / time / the card's dense bf16 peak, peak memory (and beyond weights +
+optimizer state), loss. Ours runs first, on its own model (apply_kernels patches in place); the
+HF variants get a fresh model with the same seeded weights; results are written after every
+variant, so a run cut short by its time budget keeps what it measured.
 
     python -m benchmarks.train_step                      # GPU: R7B shapes
-    python -m benchmarks.train_step --device cpu --tiny  # CPU: tiny model, ours vs hf SFT
-    python -m benchmarks.train_step --dry-run            # CPU smoke test (Triton interpreter)
+    python -m benchmarks.train_step --device cpu --tiny  # CPU: tiny model, ours vs HF, interleaved
+    python -m benchmarks.train_step --dry-run            # CPU smoke test of every path (ours on
+                                                         # its torch twins, Liger interpreted)
 """
 
 from __future__ import annotations
