@@ -304,3 +304,28 @@ def arbitrage(spec: dict, files: list[Path], out: Path) -> Path:
            for r, b in zip(rows, best) if b is not None]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_jsonl(new, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m r7b_fast.gate",
+                                description="The dataset quality gate (see the module doc).")  # fmt: skip
+    p.add_argument("spec", help="a gate YAML or a built-in name (demo_gate)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--work-dir", default=None)
+    a = p.parse_args(argv)
+    over = {k: v for k, v in (("seed", a.seed), ("work_dir", a.work_dir)) if v is not None}
+    try:
+        spec = load_gate_spec(a.spec, **over)
+    except ValueError as e:
+        print(f"gate: {e}", file=sys.stderr)
+        return 2
+    out = run_gate(spec)
+    print(f"\nkept: {[d.candidate for d in out['decisions'] if d.keep]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -95,3 +95,46 @@ def test_pick_best_answers_takes_highest_reward_first_on_ties():
     assert gate.pick_best_answers(scored, min_score=0.5) == [("b", 1.0, "t2"), None, None]
     with pytest.raises(ValueError, match="expected"):
         gate.pick_best_answers([[("a", 1.0)]])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+GATE_SPEC = {
+    "config": "demo_sft",
+    "base": {"path": "tiny", "tiny_overrides": {"hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}},
+    "overrides": {"optim.max_steps": 20, "optim.lr": 1.0e-2, "optim.warmup_steps": 2,
+                  "optim.global_batch": 4, "optim.micro_batch": 4, "data.max_tokens": 128,
+                  "checkpoint.every_steps": 0, "logging.every_steps": 5},
+    # the base mixture teaches Arabic arithmetic; candidates: digit conversion (a new skill) and
+    # bad_ar (arith_ar prompts with wrong or noisy answers), each judged on the task it targets
+    "mixture": ["arith_ar"],
+    "candidates": [
+        {"name": "digits_ar", "families": ["digits_ar"], "target": "loss/digits_ar"},
+        {"name": "bad_ar", "families": ["bad_ar"], "target": "loss/arith_ar"},
+    ],
+    "data": {"n_train": 64, "n_eval": 16},
+    "eval": {"families": ["arith_ar", "digits_ar"]},
+    "threshold": 0.1,
+    "tolerance": 0.3,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gate_rejects_bad_family_keeps_good_one(tmp_path, seed):
+    import yaml
+
+    spec_path = tmp_path / "gate.yaml"
+    spec_path.write_text(yaml.safe_dump({**GATE_SPEC, "work_dir": str(tmp_path / "w"),
+                                         "seed": seed}))  # fmt: skip
+    out = gate.run_gate(gate.load_gate_spec(str(spec_path)), log=lambda *a: None)
+    by_name = {d.candidate: d for d in out["decisions"]}
+    assert by_name["digits_ar"].keep, by_name["digits_ar"].reason
+    assert not by_name["bad_ar"].keep, by_name["bad_ar"].reason
+    # the decision follows the rule from the recorded metrics
+    d = by_name["bad_ar"]
+    assert d.deltas["loss/arith_ar"] == pytest.approx(
+        d.baseline["loss/arith_ar"] - d.with_candidate["loss/arith_ar"]
+    )
+    assert (tmp_path / "w" / "gate.md").read_text().count("| reject |") == 1
