@@ -138,3 +138,50 @@ def test_gate_rejects_bad_family_keeps_good_one(tmp_path, seed):
         d.baseline["loss/arith_ar"] - d.with_candidate["loss/arith_ar"]
     )
     assert (tmp_path / "w" / "gate.md").read_text().count("| reject |") == 1
+
+
+def _reward_by_length(rows, texts):
+    """An arbitrary but deterministic reward, so the selection is checkable."""
+    return [float(len(t) % 7) for t in texts]
+
+
+@pytest.mark.slow
+def test_arbitrage_keeps_each_prompts_highest_reward_answer(tmp_path):
+    from r7b_fast.data.chat import render_prompt
+    from r7b_fast.data.synthetic import generate_split, write_jsonl
+    from r7b_fast.data.tokenizer import load_tokenizer
+    from r7b_fast.eval import read_jsonl
+    from r7b_fast.generate import decode_completion, generate
+    from r7b_fast.model import build_model, tiny_config
+
+    tok = load_tokenizer()
+    teachers = []
+    for i in range(2):  # two different (random) teacher checkpoints
+        d = tmp_path / f"teacher{i}"
+        build_model(tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+                    seed=10 + i).save_pretrained(d)  # fmt: skip
+        tok.save_pretrained(d)
+        teachers.append(str(d))
+    rows = generate_split("bad_ar", 4, 0, "train")
+    src = write_jsonl(rows, tmp_path / "bad.jsonl")
+    arb = {"teachers": teachers, "num_samples": 3, "temperature": 1.0, "max_new_tokens": 6,
+           "reward": _reward_by_length}  # fmt: skip
+    out = gate.arbitrage({"seed": 5, "arbitrage": arb}, [src], tmp_path / "regen.jsonl")
+    got = read_jsonl(out)
+    assert len(got) == len(rows)
+    # independent selection: every (teacher, sample) candidate, first maximum wins
+    cands = [[] for _ in rows]
+    for t in teachers:
+        model = build_model(tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+                            seed=10 + teachers.index(t))  # fmt: skip
+        prompts = [render_prompt(tok, r["messages"][:-1]) for r in rows]
+        outs = generate(model, tok, prompts, max_new_tokens=6, num_samples=3, temperature=1.0,
+                        seed=5)  # fmt: skip
+        for i, comps in enumerate(outs):
+            cands[i] += [(decode_completion(tok, c), t) for c in comps]
+    for r, g, cs in zip(rows, got, cands):
+        best = max(cs, key=lambda c: len(c[0]) % 7)  # max() keeps the first maximum
+        assert g["messages"][:-1] == r["messages"][:-1]
+        assert g["messages"][-1] == {"role": "assistant", "content": best[0]}
+        assert g["arbitrage"] == {"teacher": best[1], "reward": float(len(best[0]) % 7)}
+        assert g["answer"] == r["answer"]  # task metadata kept
