@@ -198,7 +198,7 @@ if [ "${OK[attention]}" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------------------- end to end
-if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ] || [ -n "$ONLY" ]; then
+if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ]; then
   if [ "$DRY" = 1 ]; then
     step train 240 "$PY" -m benchmarks.train_step --dry-run
   else

@@ -205,3 +205,36 @@ def test_common_helpers():
     assert goal_row("m", None, 0.5)["ok"] is None
     md = markdown_table([{"a": 1.23456, "b": None}], ["a", "b"])
     assert md.splitlines() == ["| a | b |", "| --- | --- |", "| 1.23 | - |"]
+
+
+def test_failed_kernel_check_is_loud_and_gates_timing_and_e2e(tmp_path):
+    """A copy of the tracked files whose attention check fails: its timing and the end-to-end
+    steps must not run, the log must shout, and the suite must exit 1."""
+    tree = tmp_path / "repo"
+    tree.mkdir()
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    pack = subprocess.run(  # the working tree's tracked files (symlinks kept)
+        ["tar", "--null", "-T", "-", "-c"], cwd=REPO, input=files.stdout, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=pack.stdout, check=True)
+    (tree / "benchmarks" / "attention.py").write_text(
+        "import sys\nsys.exit(1 if '--check' in sys.argv else 0)\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    only = "env,check_attention,time_attention,train"
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--dry-run", "--no-install", "--only", only],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "attention is WRONG" in r.stdout and r.stdout.strip().endswith(
+        "gpu_suite: FAILED (see the steps above)"
+    )
+    (doc_path,) = out.glob("*-cpu-dryrun.json")
+    status = {s["step"]: s["status"] for s in json.loads(doc_path.read_text())["steps"]}
+    assert status == {"env": "ok", "check_attention": "fail(1)", "train": "skipped(check)"}, status
