@@ -299,9 +299,14 @@ def compare(rows: list[dict], tol: dict) -> dict:
 
 
 def build(cfg, device: torch.device, dtype: torch.dtype):
-    """A randomly initialised Cohere2ForCausalLM made directly on `device` in `dtype`."""
+    """A randomly initialised Cohere2ForCausalLM made directly on `device` in `dtype`, with SDPA
+    attention and a config of its own (apply_kernels switches the attention through the model's
+    config: a shared one would switch every model built from it)."""
+    import copy
+
     from transformers import Cohere2ForCausalLM
 
+    cfg = copy.deepcopy(cfg)
     cfg._attn_implementation = "sdpa"
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

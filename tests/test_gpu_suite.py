@@ -238,3 +238,18 @@ def test_failed_kernel_check_is_loud_and_gates_timing_and_e2e(tmp_path):
     (doc_path,) = out.glob("*-cpu-dryrun.json")
     status = {s["step"]: s["status"] for s in json.loads(doc_path.read_text())["steps"]}
     assert status == {"env": "ok", "check_attention": "fail(1)", "train": "skipped(check)"}, status
+
+
+def test_models_built_from_one_config_switch_attention_independently():
+    from r7b_fast.model import apply_kernels
+
+    cfg = _e2e.model_config(None, tiny=True)
+    ours, hf = (
+        _e2e.build(cfg, torch.device("cpu"), torch.float32),
+        _e2e.build(cfg, "cpu", torch.float32),
+    )
+    apply_kernels(ours, backend="torch")
+    assert ours.config._attn_implementation == "r7b_varlen"
+    assert hf.config._attn_implementation == "sdpa"  # untouched: the HF baseline stays HF
+    for a, b in zip(ours.parameters(), hf.parameters()):
+        assert torch.equal(a, b)  # same seeded weights
