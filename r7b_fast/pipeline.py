@@ -198,6 +198,8 @@ def build_stages(spec: dict) -> list[Stage]:
         stages.append(Stage("init", "external", [], init, label="base"))
     model = "init"
     pre = base.get("pretrain")
+    if pre and base.get("path", "tiny") == "tiny":
+        add_eval("init", "random init")
     if pre:
         files = _files(spec, pre, "sft")
         add_train("pretrain", pre["config"], model, files, pre.get("overrides"), "base")
@@ -519,7 +521,8 @@ def _brief(st: Stage, result: dict) -> str:
         return "weights=" + ", ".join(f"{w:.3f}" for w in result["weights"])
     if st.kind == "train":
         t = result.get("trainer") or {}
-        return f"steps={t.get('steps', '?')} loss={(t.get('metrics') or {}).get('loss', '?')}"
+        loss = (t.get("final") or {}).get("loss")
+        return f"steps={t.get('steps', '?')} final loss=" + ("?" if loss is None else f"{loss:.4f}")
     return ""
 
 
