@@ -37,7 +37,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	@echo "Benchmarks (each prints a table and writes JSON under benchmarks/results/):"
-	@for f in benchmarks/*.py; do case $$f in */__init__.py|*/_*) ;; *) \
+	@for f in benchmarks/*.py; do case $$f in */__init__.py|*/_*|*/render_results.py) ;; *) \
 	  n=$$(basename $$f .py); echo "  $(PY) -m benchmarks.$$n"; esac; done
 	@echo "  bash benchmarks/gpu_suite.sh        (GPU: correctness at real shapes, then timing)"
 	@echo "  bash benchmarks/gpu_suite.sh --dry-run   (CPU: the same script on tiny shapes)"
