@@ -472,6 +472,9 @@ def run(cfg: Config) -> dict:
             )
         write_done(s, metrics, total, time.time() - t0)
         logger.event("done", steps=total, tokens=s.tokens, seconds=time.time() - t0)
+        # every rank finishes its last collective before any tears the process group down (a
+        # rank destroying gloo while its peer is still mid-send aborted once in CI)
+        distributed.barrier(dist)
         return {"steps": total, "metrics": metrics}
     except BaseException as e:
         if logger is not None:
