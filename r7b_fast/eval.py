@@ -281,6 +281,13 @@ def plot_accuracy(results: Sequence[tuple[str, Mapping]], path: str | Path) -> P
     ax.set_ylabel("greedy accuracy (verifier)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Task accuracy by stage and family")
+    return _save_figure(fig, ax, path)
+
+
+def _save_figure(fig, ax, path: str | Path) -> Path:
+    """Grid, legend, tight layout, PNG at `path`; closes the figure."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -322,13 +329,7 @@ def plot_loss_curves(metrics_files: Mapping[str, str | Path], path: str | Path) 
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Loss curves (SFT: NLL per token; DPO: preference loss)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, path)
 
 
 def write_report(
