@@ -26,7 +26,10 @@ What happens, in order (DESIGN.md §7):
    generation files of the base (or first) model are copied, and the directory is renamed onto
    `out` only when complete: an interrupted or killed merge leaves nothing at `out`.
 
-This module must not import torch (it starts in well under a second).
+Steps 1-2 live in `r7b_fast/merge_read.py`, step 3 and the shard layout of step 4 in
+`r7b_fast/merge_plan.py`; this module writes the files, runs the engine and holds the CLI, and
+re-exports the public names of both. None of them may import torch (it starts in well under
+a second).
 """
 
 from __future__ import annotations
@@ -36,271 +39,48 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-# safetensors dtype -> bytes per element (sub-byte float formats are not supported).
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
-ENGINE_DTYPE = {"F32": 0, "F16": 1, "BF16": 2}  # floating dtypes the engine combines
-NON_FLOAT = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"}  # copied, never mixed
+from r7b_fast.merge_plan import (
+    ENGINE_DTYPE,
+    METHODS,
+    NON_FLOAT,
+    coefficients,
+    parse_size,
+    plan_shards,
+)
+from r7b_fast.merge_read import (
+    INDEX,
+    ITEMSIZE,
+    MAX_HEADER,
+    SINGLE,
+    MergeError,
+    Tensor,
+    check_agree,
+    read_header,
+    read_model,
+)
+
+__all__ = [  # the public names, including those defined in merge_read / merge_plan
+    "BUFFER_BUDGET", "COPIED_FILES", "DTYPE_NAMES", "ENGINE_DTYPE", "INDEX", "ITEMSIZE",
+    "MAX_HEADER", "METHODS", "NON_FLOAT", "SINGLE", "MergeError", "Tensor", "check_agree",
+    "coefficients", "load_mergekit_yaml", "main", "merge_checkpoints", "parse_size",
+    "read_header", "read_model",
+]  # fmt: skip
+
 DTYPE_NAMES = {
     "bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
     "float32": "F32", "fp32": "F32", "float": "F32",
 }  # fmt: skip
-MAX_HEADER = 100 * 1000 * 1000
 BUFFER_BUDGET = 128 << 20  # the engine's buffers, whatever the number of models or threads
-SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 COPIED_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
     r"added_tokens\.json|chat_template.*|vocab.*|merges\.txt|.*\.jinja)$"
 )
-METHODS = ("linear", "task_arithmetic")
-
-
-class MergeError(ValueError):
-    """Invalid input to a merge (bad header, disagreeing models, bad argument)."""
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One tensor of one model: where its bytes are (`offset` is absolute in `file`)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
-    offset: int
-    nbytes: int
-
-
-def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise MergeError(f"duplicate keys {dup[:5]}")
-    return dict(pairs)
-
-
-def _bad_constant(name):
-    raise MergeError(f"non-JSON constant {name}")
-
-
-def read_header(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Parse and strictly validate one safetensors file; returns {name: Tensor}.
-
-    Checks: >= 8 bytes; little-endian u64 header length <= 100 MB and within the file; header
-    is UTF-8 JSON object without duplicate keys; `__metadata__` (optional) maps str -> str;
-    every entry has exactly `dtype` (known), `shape` (non-negative ints), `data_offsets`
-    ([begin, end] ints); end - begin == numel * itemsize; offsets contiguous from 0 without gap
-    or overlap; the data ends exactly at the end of the file. Raises MergeError naming the file.
-    """
-    path = str(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MergeError(f"{path}: file has {size} bytes, a safetensors file needs >= 8")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise MergeError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
-            if 8 + n > size:
-                raise MergeError(f"{path}: header length {n} runs past the end of the file")
-            raw = f.read(n)
-    except OSError as e:
-        raise MergeError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_bad_constant)
-    except UnicodeDecodeError as e:
-        raise MergeError(f"{path}: header is not UTF-8 ({e.reason})") from e
-    except (json.JSONDecodeError, MergeError, RecursionError) as e:
-        raise MergeError(f"{path}: header is not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise MergeError(f"{path}: header is not a JSON object")
-    return _validate_entries(path, obj, size - 8 - n, 8 + n)
-
-
-def _validate_entries(path: str, obj: dict, data_size: int, base: int) -> dict[str, Tensor]:
-    meta = obj.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise MergeError(f"{path}: __metadata__ must map strings to strings")
-    out, spans = {}, []
-    for name, e in obj.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise MergeError(f"{where}: entry must have exactly dtype, shape, data_offsets")
-        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-            raise MergeError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise MergeError(f"{where}: shape must be a list of non-negative integers")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(type(o) is int for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            raise MergeError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
-        numel = 1
-        for d in shape:
-            numel *= d
-            if numel * ITEMSIZE[dtype] > data_size:  # also bounds the integers (no overflow)
-                raise MergeError(f"{where}: shape {shape} needs more bytes than the file holds")
-        nbytes = numel * ITEMSIZE[dtype]
-        if offs[1] - offs[0] != nbytes:
-            raise MergeError(
-                f"{where}: data_offsets span {offs[1] - offs[0]} bytes, but {dtype}{shape} is {nbytes}"
-            )
-        spans.append((offs[0], offs[1], name))
-        out[name] = Tensor(name, dtype, tuple(shape), path, base + offs[0], nbytes)
-    pos = 0
-    for b, e, name in sorted(spans):
-        if b != pos:
-            kind = "gap" if b > pos else "overlap"
-            raise MergeError(f"{path}: tensor {name!r} starts at {b}, expected {pos} ({kind})")
-        pos = e
-    if pos != data_size:
-        raise MergeError(f"{path}: tensor data ends at {pos}, but the file holds {data_size} bytes")
-    return out
-
-
-def read_model(path: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a model directory (single file or index + shards), validated.
-
-    For an index, every shard named in `weight_map` must be a plain file name in the directory
-    and must hold exactly the tensors the map assigns to it."""
-    d = Path(path)
-    if not d.is_dir():
-        raise MergeError(f"model {str(path)!r} is not a directory")
-    if (d / INDEX).is_file():
-        try:
-            idx = json.loads((d / INDEX).read_text("utf-8"), object_pairs_hook=_no_duplicates)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, MergeError) as e:
-            raise MergeError(f"{d / INDEX}: unreadable index ({e})") from e
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise MergeError(f"{d / INDEX}: needs a weight_map of tensor name -> file name")
-        tensors: dict[str, Tensor] = {}
-        for fname in sorted(set(wm.values())):
-            if fname in ("", ".", "..") or "/" in fname or "\\" in fname:
-                raise MergeError(f"{d / INDEX}: shard name {fname!r} is not a plain file name")
-            if not (d / fname).is_file():
-                raise MergeError(f"{d / INDEX}: shard {fname!r} does not exist")
-            got = read_header(d / fname)
-            want = {k for k, v in wm.items() if v == fname}
-            if set(got) != want:
-                extra, missing = sorted(set(got) - want)[:5], sorted(want - set(got))[:5]
-                raise MergeError(
-                    f"{d / fname}: holds tensors the index does not say (extra {extra}, missing {missing})"
-                )
-            tensors.update(got)
-        return tensors
-    if (d / SINGLE).is_file():
-        return read_header(d / SINGLE)
-    raise MergeError(f"model {str(path)!r} has neither {INDEX} nor {SINGLE}")
-
-
-def check_agree(paths: list[str], models: list[dict[str, Tensor]]) -> None:
-    """Raise MergeError listing tensors whose presence, shape or dtype differs across models."""
-    problems = []
-    names = set().union(*models)
-    for name in sorted(names):
-        have = [m.get(name) for m in models]
-        if any(t is None for t in have):
-            lacking = [p for p, t in zip(paths, have) if t is None]
-            problems.append(f"{name}: missing in {lacking}")
-        elif len({(t.shape, t.dtype) for t in have}) > 1:
-            desc = ", ".join(f"{t.dtype}{list(t.shape)}" for t in have)
-            problems.append(f"{name}: shape/dtype differ ({desc})")
-    if problems:
-        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise MergeError(
-            f"models disagree on {len(problems)} tensors{more}:\n  " + "\n  ".join(problems[:20])
-        )
-
-
-def _f32(x: float) -> float:
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def coefficients(
-    method: str, n_models: int, weights: list[float] | None, base_index: int | None, normalize
-) -> list[tuple[int, float]]:
-    """[(model index, fp32 coefficient)] in accumulation order (base first for task arithmetic).
-
-    `base_index` indexes the participating models list; for task_arithmetic it is required and
-    that model's own weight is ignored. Zero coefficients are dropped (one source always kept)."""
-    if method not in METHODS:
-        raise MergeError(f"method must be one of {METHODS}, got {method!r}")
-    w = [1.0] * n_models if weights is None else [float(x) for x in weights]
-    if len(w) != n_models:
-        raise MergeError(f"weights: got {len(w)} for {n_models} models")
-    if method == "linear":
-        norm = True if normalize is None else bool(normalize)
-        s = sum(w)
-        if norm and s == 0:
-            raise MergeError("weights sum to 0: cannot normalize (pass normalize=False)")
-        terms = [(i, wi / s if norm else wi) for i, wi in enumerate(w)]
-    else:
-        if base_index is None:
-            raise MergeError("task_arithmetic needs a base model (base=...)")
-        experts = [i for i in range(n_models) if i != base_index]
-        if not experts:
-            raise MergeError("task_arithmetic needs at least one model besides the base")
-        s = sum(w[i] for i in experts)
-        div = s if (normalize and abs(s) >= 1e-8) else 1.0  # mergekit's divisor rule
-        ws = {i: w[i] / div for i in experts}
-        terms = [(base_index, 1.0 - sum(ws.values()))] + [(i, ws[i]) for i in experts]
-    terms = [(i, _f32(c)) for i, c in terms]
-    return [t for t in terms if t[1] != 0.0] or terms[:1]
-
-
-def parse_size(s: str | int) -> int:
-    """'5GB' -> 5e9, '2GiB' -> 2*2**30, '500MB', '100KB', or bytes as int/str."""
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(s), re.IGNORECASE)
-    if not m:
-        raise MergeError(f"max_shard_size: cannot parse {s!r} (e.g. '5GB', '500MB')")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    mult.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(m.group(1)) * mult[unit])
-
-
-def _layout(entries: list[tuple[str, str, tuple, int]], max_shard: int) -> list[list]:
-    """Greedy HF-style split of (name, dtype, shape, nbytes) into shards of <= max_shard bytes."""
-    shards, cur, size = [], [], 0
-    for e in entries:
-        if cur and size + e[3] > max_shard:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(e)
-        size += e[3]
-    return [*shards, cur]
-
-
-def _header(entries) -> tuple[bytes, dict[str, int]]:
-    """Serialized header (padded with spaces to 8 bytes) and each tensor's data offset."""
-    obj, offs, pos = {"__metadata__": {"format": "pt"}}, {}, 0
-    for name, dtype, shape, nbytes in entries:
-        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-        offs[name] = pos
-        pos += nbytes
-    h = json.dumps(obj, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h, offs
 
 
 def _config(model_dir: Path) -> dict:
@@ -309,49 +89,6 @@ def _config(model_dir: Path) -> dict:
         return json.loads(p.read_text("utf-8")) if p.is_file() else {}
     except (OSError, ValueError) as e:
         raise MergeError(f"{p}: unreadable config ({e})") from e
-
-
-def _plan(tensors, terms, lead, out_dtype, drop_lm_head, max_shard):
-    """Output shards [(file name, header bytes, [engine task tuples], data bytes)] and the list
-    of input files. `lead` (base or first model) comes first among a copy task's sources."""
-    ref = tensors[lead]
-    names = sorted(n for n in ref if not (drop_lm_head and n == "lm_head.weight"))
-    entries, kinds = [], {}
-    for n in names:
-        t = ref[n]
-        if t.dtype in NON_FLOAT:
-            kinds[n], dt = "copy", t.dtype
-        elif t.dtype in ENGINE_DTYPE:
-            kinds[n], dt = "merge", out_dtype or t.dtype
-        else:
-            raise MergeError(f"tensor {n!r} has dtype {t.dtype}; the engine merges F32/F16/BF16")
-        numel = t.nbytes // ITEMSIZE[t.dtype]
-        entries.append((n, dt, t.shape, numel * ITEMSIZE[dt]))
-    files: dict[str, int] = {}
-    fid = lambda f: files.setdefault(f, len(files))
-    everyone = [lead] + [i for i in range(len(tensors)) if i != lead]
-    shards = _layout(entries, max_shard)
-    plan = []
-    for k, shard in enumerate(shards):
-        fname = (
-            SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        head, offs = _header(shard)
-        tasks = []
-        for name, dt, _, nbytes in shard:
-            out_off = len(head) + offs[name]
-            if kinds[name] == "copy":
-                src = [tensors[i][name] for i in everyone]
-                tasks.append((name, 1, k, out_off, 0, nbytes, [fid(s.file) for s in src],
-                              [s.offset for s in src], 0, []))  # fmt: skip
-            else:
-                src = [tensors[i][name] for i, _ in terms]
-                numel = nbytes // ITEMSIZE[dt]
-                tasks.append((name, 0, k, out_off, ENGINE_DTYPE[dt], numel,
-                              [fid(s.file) for s in src], [s.offset for s in src],
-                              ENGINE_DTYPE[src[0].dtype], [c for _, c in terms]))  # fmt: skip
-        plan.append((fname, head, tasks, sum(e[3] for e in shard)))
-    return plan, list(files)
 
 
 def _write_files(tmp: Path, plan, src_dir: Path, out_dtype: str | None) -> None:
@@ -482,8 +219,37 @@ def merge_checkpoints(
     Raises MergeError (a ValueError) for invalid input, FileExistsError for an existing `out`,
     OSError naming the file for I/O failures; `out` is untouched on any failure."""
     t0 = time.perf_counter()
-    from r7b_fast import _merge
+    from r7b_fast._merge import Engine
 
+    paths, out, out_dtype, threads, max_shard = _check_args(
+        models, out, dtype, threads, max_shard_size
+    )
+    everyone, base_index, w = _participants(paths, base, weights, method)
+    _check_out(out, everyone, overwrite)
+    terms = coefficients(method, len(everyone), w, base_index, normalize)
+    tensors = [read_model(p) for p in everyone]
+    check_agree([str(p) for p in everyone], tensors)
+    src_dir = everyone[base_index if base_index is not None else 0]
+    drop = _config(src_dir).get("tie_word_embeddings") is True
+    lead = base_index if base_index is not None else 0
+    plan, inputs = plan_shards(tensors, terms, lead, out_dtype, drop, max_shard)
+    engine = _write_merged(Engine, out, plan, inputs, src_dir, out_dtype, threads,
+                           len(everyone), chunk_bytes, simd, progress)  # fmt: skip
+    return {
+        "out": str(out),
+        "method": method,
+        "coefficients": {str(everyone[i]): c for i, c in terms},
+        "tensors": sum(len(p[2]) for p in plan),
+        "shards": [p[0] for p in plan],
+        "total_size": sum(p[3] for p in plan),
+        "seconds": time.perf_counter() - t0,
+        "simd": engine.simd,
+        "threads": threads,
+    }
+
+
+def _check_args(models, out, dtype, threads, max_shard_size):
+    """(resolved model paths, resolved out, output dtype or None, threads, max shard bytes)."""
     if not models:
         raise MergeError("models: need at least one model directory")
     paths = [Path(m).resolve() for m in models]
@@ -500,19 +266,23 @@ def merge_checkpoints(
     max_shard = parse_size(max_shard_size)
     if max_shard <= 0:
         raise MergeError("max_shard_size must be positive")
-    everyone, base_index, w = _participants(paths, base, weights, method)
+    return paths, out, out_dtype, threads, max_shard
+
+
+def _check_out(out: Path, everyone: list[Path], overwrite: bool) -> None:
+    """`out` must not be or lie inside an input model, nor exist unless `overwrite`."""
     for p in everyone:
         if out == p or p in out.parents:
             raise MergeError(f"out {str(out)!r} must not be (inside) input model {str(p)!r}")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"out {str(out)!r} exists (pass overwrite=True / --overwrite)")
-    terms = coefficients(method, len(everyone), w, base_index, normalize)
-    tensors = [read_model(p) for p in everyone]
-    check_agree([str(p) for p in everyone], tensors)
-    src_dir = everyone[base_index if base_index is not None else 0]
-    drop = _config(src_dir).get("tie_word_embeddings") is True
-    lead = base_index if base_index is not None else 0
-    plan, inputs = _plan(tensors, terms, lead, out_dtype, drop, max_shard)
+
+
+def _write_merged(Engine, out, plan, inputs, src_dir, out_dtype, threads, n_sources, chunk_bytes,
+                  simd, progress):  # fmt: skip
+    """Write the merge into a hidden temporary sibling of `out`, run the engine there and
+    rename it onto `out` when complete (removed on any failure). `Engine` is
+    `r7b_fast._merge.Engine`; returns the engine that ran."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.merge-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -522,25 +292,15 @@ def merge_checkpoints(
         tasks = [t for _, _, ts, _ in plan for t in ts]
         outputs = [str(tmp / p[0]) for p in plan]
         # engine buffers: 2 * threads slots of (sources + 1) chunks, kept under BUFFER_BUDGET
-        per_chunk = BUFFER_BUDGET // (2 * threads * (len(everyone) + 1))
+        per_chunk = BUFFER_BUDGET // (2 * threads * (n_sources + 1))
         chunk = min(chunk_bytes, max(64 << 10, per_chunk)) // 64 * 64
-        engine = _merge.Engine(inputs, outputs, tasks, threads, chunk, simd)
+        engine = Engine(inputs, outputs, tasks, threads, chunk, simd)
         _run_engine(engine, progress)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "out": str(out),
-        "method": method,
-        "coefficients": {str(everyone[i]): c for i, c in terms},
-        "tensors": len(tasks),
-        "shards": [p[0] for p in plan],
-        "total_size": sum(p[3] for p in plan),
-        "seconds": time.perf_counter() - t0,
-        "simd": engine.simd,
-        "threads": threads,
-    }
+    return engine
 
 
 def _replace(tmp: Path, out: Path) -> None:
