@@ -1,4 +1,5 @@
-"""varlen_attention: Triton (interpreter here) and the torch twin against a float64 truth.
+"""varlen_attention: Triton (interpreter here) and the per-sequence reference against a float64
+truth (the reference in float64). The fast torch path has its own tests: test_attention_torch.py.
 
 Shapes are tiny but ragged; the interpreter runs 16x16 tiles, so lengths 1, 13, 16, 17, 37 and
 windows around them hit every tile kind: masked diagonal/window edges, unmasked interior tiles,
@@ -10,7 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r7b_fast.kernels.attention import varlen_attention, varlen_attention_torch
+from r7b_fast.kernels.attention import (
+    varlen_attention,
+    varlen_attention_reference,
+    varlen_attention_torch,
+)
 
 pytestmark = pytest.mark.triton_interpret
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -49,8 +54,10 @@ def test_triton_and_twin_match_float64(lens, hq, hk, d, dtype, causal, window):
     q, k, v, do, cu = make(lens, hq, hk, d, dtype)
     kw = dict(causal=causal, window=window)
     ours = run(varlen_attention, q, k, v, do, cu, max(lens), backend="triton", **kw)
-    twin = run(varlen_attention_torch, q, k, v, do, cu, max(lens), **kw)
-    truth = run(varlen_attention_torch, q.double(), k.double(), v.double(), do, cu, max(lens), **kw)
+    twin = run(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
+    truth = run(
+        varlen_attention_reference, q.double(), k.double(), v.double(), do, cu, max(lens), **kw
+    )
     for name, a, b, t in zip(("out", "dq", "dk", "dv"), ours, twin, truth):
         assert a.dtype == dtype and a.shape == t.shape
         err_ours = (a.double() - t).abs().max().item()
@@ -93,7 +100,7 @@ def test_masked_tiles_are_never_loaded():
     query blocks from 32 on start at key tile 16, so key 0 must never be read for them."""
     L, w = 64, 16
     q, k, v, do, cu = make([L], 2, 1, 16, torch.float32, seed=2)
-    truth = run(varlen_attention_torch, q.double(), k.double(), v.double(), do, cu, L, window=w)
+    truth = run(varlen_attention_reference, q.double(), k.double(), v.double(), do, cu, L, window=w)
     k[0], v[0] = float("nan"), float("nan")
     out, dq, dk, dv = run(varlen_attention, q, k, v, do, cu, L, window=w, backend="triton")
     assert out[:16].isnan().any()  # blocks that do load key tile 0 show the poison
