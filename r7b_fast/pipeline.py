@@ -26,280 +26,49 @@ of the stages it depends on. On a rerun, a stage whose record matches its hash a
 exists is skipped; an interrupted one (started, no record) is redone in place (the trainer
 resumes from its own checkpoints); a stage whose spec changed is wiped and redone. `--from
 STAGE` wipes and redoes that stage and every later one.
+
+The spec, the stage graph and the records live in `r7b_fast/pipeline_spec.py` (re-exported
+here); this module runs the stages and writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from r7b_fast.pipeline_spec import (
+    EXPERT_KEYS,
+    SECTION_KEYS,
+    TOP_KEYS,
+    PipelineError,
+    Stage,
+    build_stages,
+    is_complete,
+    load_pipeline,
+    model_dir,
+    output_complete,
+    prepare_stage_dir,
+    read_json,
+    resolve_pipeline,
+    stage_hash,
+    write_json,
+)
 
-EXPERT_KEYS = {"name", "families", "files", "overrides"}
-TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
-            "online_dpo", "eval"}  # fmt: skip
-SECTION_KEYS = {
-    "base": {"path", "tiny_overrides", "pretrain"},
-    "data": {"n_train", "n_eval", "difficulty", "system"},
-    "sft": {"config", "experts", "merge_weights", "ablation", "ablation_metric"},
-    "dpo": {"config", "families", "files", "overrides", "merge_weights"},
-    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights"},
-    "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
-}
-
-
-class PipelineError(ValueError):
-    """A bad pipeline spec; the message names the offending key."""
-
-
-@dataclass
-class Stage:
-    """One step of the pipeline. `spec` (JSON-able) fully determines the output, given `deps`."""
-
-    name: str
-    kind: str  # data | init | train | merge | eval
-    deps: list[str]
-    spec: dict
-    label: str = ""
-    meta: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- the spec
-
-
-def resolve_pipeline(path_or_name: str) -> Path:
-    """A pipeline YAML path, or a built-in name (`pipeline_demo`) from r7b_fast/configs/."""
-    p = Path(path_or_name)
-    if p.is_file():
-        return p
-    builtin = resources.files("r7b_fast") / "configs" / f"{path_or_name}.yaml"
-    if builtin.is_file():
-        return Path(str(builtin))
-    raise PipelineError(f"pipeline: {path_or_name!r} is neither a file nor a built-in config")
-
-
-def _check_keys(where: str, got: dict, allowed: set) -> None:
-    if not isinstance(got, dict):
-        raise PipelineError(f"{where}: expected a mapping, got {type(got).__name__}")
-    unknown = set(got) - allowed
-    if unknown:
-        raise PipelineError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(allowed)})")
-
-
-def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
-    """The validated spec (a dict) of a pipeline YAML; `_dir` is the YAML's directory (relative
-    trainer-config paths resolve against it) and `work_dir` is overridable."""
-    path = resolve_pipeline(path_or_name)
-    spec = yaml.safe_load(path.read_text()) or {}
-    _check_keys("<root>", spec, TOP_KEYS)
-    for sec, keys in SECTION_KEYS.items():
-        _check_keys(sec, spec.setdefault(sec, {}) or {}, keys)
-    spec["_dir"] = str(path.parent.resolve())
-    if work_dir is not None:
-        spec["work_dir"] = work_dir
-    if not spec.get("work_dir"):
-        raise PipelineError("work_dir: required")
-    nproc = spec.setdefault("nproc", 1)
-    if not isinstance(nproc, int) or nproc < 1:
-        raise PipelineError(f"nproc: must be an int >= 1, got {nproc!r}")
-    experts = spec["sft"].get("experts") or []
-    if not experts:
-        raise PipelineError("sft.experts: need at least one expert")
-    for i, e in enumerate(experts):
-        _check_keys(f"sft.experts[{i}]", e, EXPERT_KEYS)
-        if not e.get("name") or not (e.get("families") or e.get("files")):
-            raise PipelineError(f"sft.experts[{i}]: needs `name` and `families` and/or `files`")
-    _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
-    for sec in ("dpo", "online_dpo"):
-        if spec[sec]:
-            _check_weights(f"{sec}.merge_weights", spec[sec].get("merge_weights"), 2)
-    rounds = spec["online_dpo"].get("rounds", 1)
-    if spec["online_dpo"] and (not isinstance(rounds, int) or rounds < 1):
-        raise PipelineError(f"online_dpo.rounds: must be an int >= 1, got {rounds!r}")
-    abl = spec["sft"].get("ablation")
-    if abl not in (None, "performance"):
-        raise PipelineError(f"sft.ablation: must be null or 'performance', got {abl!r}")
-    return spec
-
-
-def _check_weights(key: str, w, n: int) -> None:
-    if w is None:
-        return
-    if not isinstance(w, list) or len(w) != n or not all(isinstance(x, (int, float)) for x in w):
-        raise PipelineError(f"{key}: expected a list of {n} numbers or null (equal), got {w!r}")
-    if any(x < 0 for x in w) or sum(w) <= 0:
-        raise PipelineError(f"{key}: weights must be >= 0 with a positive sum, got {w!r}")
-
-
-def _config_file(spec: dict, name: str) -> Path:
-    """A trainer config: a path (as given, or next to the pipeline YAML) or a built-in name."""
-    from r7b_fast.config import resolve_path
-
-    for cand in (Path(name), Path(spec["_dir"]) / name):
-        if cand.is_file():
-            return cand.resolve()
-    return resolve_path(name).resolve()
-
-
-# ----------------------------------------------------------------------------- the stage graph
-
-
-def build_stages(spec: dict) -> list[Stage]:
-    """The recipe as a list of stages in execution order (each depends only on earlier ones)."""
-    sft, dpo, onl, ev = spec["sft"], spec["dpo"], spec["online_dpo"], spec["eval"]
-    seed = int(spec.get("seed", 0))
-    used = [f for e in sft["experts"] for f in e.get("families") or []]
-    used += list(dpo.get("families") or []) + list(onl.get("families") or [])
-    eval_fams = list(ev.get("families") or dict.fromkeys(used))
-    d = spec["data"]
-    data_spec = {
-        "families": sorted(set(used) | set(eval_fams)),
-        "n_train": int(d.get("n_train", 256)),
-        "n_eval": int(d.get("n_eval", 32)),
-        "seed": seed,
-        "difficulty": int(d.get("difficulty", 1)),
-        "system": d.get("system"),
-    }
-    stages = [Stage("data", "data", [], data_spec)]
-    eval_spec = {
-        "families": eval_fams,
-        "n_per_family": ev.get("n_per_family"),
-        "max_new_tokens": int(ev.get("max_new_tokens", 24)),
-        "max_len": int(ev.get("max_len", 512)),
-    }
-
-    def add_eval(model: str, label: str) -> None:
-        stages.append(Stage(f"eval_{model}", "eval", ["data", model], {"model": model,
-                            **eval_spec}, label=label))  # fmt: skip
-
-    def add_train(name, cfg, model, files, overrides, label, seed=seed):
-        ov = {**(spec.get("train_overrides") or {}), **(overrides or {}), "run.seed": seed}
-        path = _config_file(spec, cfg)
-        stages.append(Stage(name, "train", ["data", model], {
-            "config": str(path), "config_text": path.read_text(), "model": model,
-            "data": files, "overrides": ov, "nproc": spec["nproc"]}, label=label))  # fmt: skip
-        add_eval(name, label)
-
-    base = spec["base"]
-    if base.get("path", "tiny") == "tiny":
-        init = {"tiny_overrides": base.get("tiny_overrides") or {}, "seed": seed}
-        stages.append(Stage("init", "init", [], init, label="base"))
-    else:
-        init = {"path": str(Path(base["path"]).resolve())}
-        stages.append(Stage("init", "external", [], init, label="base"))
-    model = "init"
-    pre = base.get("pretrain")
-    if pre and base.get("path", "tiny") == "tiny":
-        add_eval("init", "random init")
-    if pre:
-        files = _files(spec, pre, "sft")
-        add_train("pretrain", pre["config"], model, files, pre.get("overrides"), "base")
-        model = "pretrain"
-    else:
-        add_eval(model, "base")
-    experts = []
-    for e in sft["experts"]:
-        name = f"sft_{e['name']}"
-        files = _files(spec, e, "sft")
-        add_train(name, sft["config"], model, files, e.get("overrides"), f"SFT expert {e['name']}")
-        experts.append(name)
-    stages.append(Stage("sft_merge", "merge", experts, {"models": experts,
-                        "weights": sft.get("merge_weights")}, label="SFT merged"))  # fmt: skip
-    add_eval("sft_merge", "SFT merged")
-    if sft.get("ablation") == "performance":
-        metric = sft.get("ablation_metric", "acc/mean")
-        deps = experts + [f"eval_{x}" for x in experts]
-        stages.append(Stage("sft_merge_perf", "merge", deps, {"models": experts,
-                            "weights": "performance", "metric": metric},
-                            label="SFT merged (perf-weighted)"))  # fmt: skip
-        add_eval("sft_merge_perf", "SFT merged (perf-weighted, ablation)")
-    model = "sft_merge"
-    if dpo:
-        files = _files(spec, dpo, "pref")
-        add_train("dpo", dpo["config"], model, files, dpo.get("overrides"), "offline DPO expert")
-        stages.append(Stage("dpo_merge", "merge", ["dpo", model], {"models": ["dpo", model],
-                            "weights": dpo.get("merge_weights")}, label="DPO merged"))  # fmt: skip
-        add_eval("dpo_merge", "offline DPO merged")
-        model = "dpo_merge"
-    if onl:
-        prev = model
-        for r in range(1, int(onl.get("rounds", 1)) + 1):
-            files = _files(spec, onl, "sft")
-            # one trainer run per round (each from the previous round, its own sampling seed)
-            ov = {**(onl.get("overrides") or {}), "online.rounds": 1}
-            add_train(f"online_r{r}", onl["config"], prev, files, ov,
-                      f"on-policy DPO round {r}", seed=seed + r - 1)  # fmt: skip
-            prev = f"online_r{r}"
-        stages.append(Stage("online_merge", "merge", [prev, model], {"models": [prev, model],
-                            "weights": onl.get("merge_weights")}, label="on-policy merged"))  # fmt: skip
-        add_eval("online_merge", "on-policy DPO merged (final)")
-    return stages
-
-
-def _files(spec: dict, sec: dict, kind: str) -> list[list[str]]:
-    """[name, kind] pairs for a train stage: generated families (`kind` = sft or pref) and user
-    dataset `files` (absolute paths; relative ones resolve against the pipeline YAML's dir)."""
-    out = [[f, kind] for f in sec.get("families") or []]
-    for f in sec.get("files") or []:
-        p = Path(f) if Path(f).is_absolute() else Path(spec["_dir"]) / f
-        out.append([str(p), "file"])
-    return out
-
-
-def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
-    """sha256 over the stage's kind, spec and its dependencies' hashes (16 hex digits)."""
-    payload = {"kind": stage.kind, "spec": stage.spec, "deps": {d: upstream[d] for d in stage.deps}}
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
-
-
-def model_dir(work: Path, stage: str, spec_stages: dict[str, Stage] | None = None) -> Path:
-    """The HF checkpoint directory a model stage produces (an external base: its own path)."""
-    st = (spec_stages or {}).get(stage)
-    if st is not None and st.kind == "external":
-        return Path(st.spec["path"])
-    return work / stage / "hf"
-
-
-def output_complete(stage: Stage, d: Path) -> bool:
-    """Whether the stage's output exists (used with its record to decide a skip)."""
-    if stage.kind == "external":
-        return (Path(stage.spec["path"]) / "config.json").is_file()
-    if stage.kind == "data":
-        return all((d / f / "eval.jsonl").is_file() for f in stage.spec["families"])
-    if stage.kind == "eval":
-        return (d / "eval.json").is_file()
-    if stage.kind == "train" and not (d / "done.json").is_file():
-        return False
-    return (d / "hf" / "config.json").is_file()
-
-
-def is_complete(stage: Stage, d: Path, h: str) -> bool:
-    """Skip rule: a record with this hash and the output present."""
-    rec = read_json(d / "record.json")
-    return bool(rec) and rec.get("hash") == h and output_complete(stage, d)
+__all__ = [  # the public names, including those defined in pipeline_spec
+    "EXECUTORS", "EXPERT_KEYS", "SECTION_KEYS", "TOP_KEYS", "Context", "PipelineError", "Stage",
+    "ablation_markdown", "build_stages", "eval_rows", "is_complete", "load_pipeline", "main",
+    "metric_score", "model_dir", "output_complete", "performance_weights", "prepare_stage_dir",
+    "read_json", "resolve_pipeline", "run_data", "run_eval", "run_init", "run_merge",
+    "run_pipeline", "run_train", "stage_hash", "train_command", "write_json",
+    "write_pipeline_report",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- executors
@@ -445,7 +214,7 @@ def run_eval(st: Stage, d: Path, ctx: Context) -> dict:
     (d / "samples.jsonl").write_text(
         "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8"
     )
-    _write_json(d / "eval.json", metrics)
+    write_json(d / "eval.json", metrics)
     return metrics
 
 
@@ -454,25 +223,6 @@ EXECUTORS = {"data": run_data, "init": run_init, "external": lambda st, d, ctx: 
 
 
 # ----------------------------------------------------------------------------- the run loop
-
-
-def prepare_stage_dir(d: Path, h: str, fresh: bool) -> str:
-    """Gets `d` ready for a (re)run; returns "fresh", "resume" (interrupted with the same hash:
-    kept, so the trainer resumes from its checkpoints) or "wiped" (other hash, or forced)."""
-    started = read_json(d / "started.json")
-    how = "fresh"
-    if d.exists():
-        if not fresh and started and started.get("hash") == h:
-            how = "resume"
-        else:
-            shutil.rmtree(d)
-            how = "wiped"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "record.json").unlink(missing_ok=True)
-    _write_json(d / "started.json", {"hash": h, "time": time.time(), "pid": os.getpid()})
-    return how
-
-
 def run_pipeline(spec: dict, *, from_stage: str | None = None, log=print) -> dict:
     """Runs (or resumes) every stage, then writes the report; returns
     {"stages": {name: "skipped"|"ran"}, "report": paths, "table": markdown, "seconds"}."""
@@ -503,7 +253,7 @@ def run_pipeline(spec: dict, *, from_stage: str | None = None, log=print) -> dic
                "result": result, "seconds": round(secs, 2), "finished": time.time(),
                "start": how}  # fmt: skip
         rec["spec"] = {k: v for k, v in st.spec.items() if k != "config_text"}
-        _write_json(d / "record.json", rec)
+        write_json(d / "record.json", rec)
         status[st.name] = "ran"
         log(f"{tag} {st.kind:<8} {secs:7.1f}s  {_brief(st, result)}")
     out = write_pipeline_report(ctx, stages)
