@@ -1,4 +1,5 @@
-"""Shared settings for the trainer tests: a very small Cohere2 and one CPU thread per process."""
+"""Shared settings for the trainer tests: a very small Cohere2 and one CPU thread per process
+(import `one_thread` or `one_thread_module` into a test module: both are autouse fixtures)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,21 @@ def length_reward(prompt_rows, completions) -> list[float]:
     return [float(len(c)) for c in completions]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (the CI machine's cores are shared; more threads are slower there)."""
+def _one_torch_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (the CI machine's cores are shared; more threads are slower there)."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_module():
+    """One torch thread for a whole module, its module-scoped fixtures included (tiny matmuls:
+    intra-op threads only add synchronisation, 10x slower on a loaded 2-core machine)."""
+    yield from _one_torch_thread()

@@ -3,6 +3,7 @@ batch invariance and the sampler's distribution."""
 
 import pytest
 import torch
+from _train_helpers import one_thread_module  # noqa: F401 (autouse fixture)
 
 from r7b_fast.generate import generate, sample_next, sampling_noise, stop_token_ids
 from r7b_fast.model import END_OF_TURN_ID, build_model, tiny_config
@@ -10,15 +11,6 @@ from r7b_fast.model import END_OF_TURN_ID, build_model, tiny_config
 # initializer_range 0.3 (not the default 0.02) so the random model's greedy choice varies from
 # step to step: with near-uniform logits greedy repeats one token and the test would prove little.
 MAX_NEW = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (10x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

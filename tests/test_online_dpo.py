@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _train_helpers import one_thread_module  # noqa: F401 (autouse fixture)
 
 from r7b_fast import losses
 from r7b_fast.data.chat import render_preference, render_prompt
@@ -29,15 +30,6 @@ def ascii_share(rows, texts):
 def constant(rows, texts):
     return [0.5] * len(texts)
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
