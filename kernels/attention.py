@@ -178,7 +178,8 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, wind
         return q.clone() + 0 * (k.sum() + v.sum())
     n_tiles = -(-T // TILE)
     lens = torch.diff(cu_seqlens).long()
-    sid = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens, output_size=T)
+    seq_ids = torch.arange(len(lens), device=q.device, dtype=torch.int32)
+    sid = torch.repeat_interleave(seq_ids, lens, output_size=T)  # (T,) each token's sequence
     qt = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, n_tiles * TILE - T))
     qt = qt.view(n_tiles, TILE, Hk, Hq // Hk, D)
     outs, order = [], []
