@@ -92,11 +92,19 @@ class Context:
 
 
 def run_data(st: Stage, d: Path, ctx: Context) -> dict:
-    from r7b_fast.data.synthetic import make_dataset_dir
+    """Each family's sft/pref/eval files; with `base.pretrain.data_seed`, also the base's own
+    `pretrain.jsonl` per pretrain family: `n_train` train-split rows drawn with that seed (never
+    an eval prompt), so the base does not see the SFT experts' rows."""
+    from r7b_fast.data.synthetic import generate_split, make_dataset_dir, write_jsonl
 
     s = st.spec
     make_dataset_dir(d, s["families"], s["n_train"], s["n_eval"], s["seed"],
                      difficulty=s["difficulty"], system=s["system"])  # fmt: skip
+    pre = s.get("pretrain") or {"families": []}
+    for fam in pre["families"]:
+        rows = generate_split(fam, s["n_train"], pre["seed"], "train",
+                              difficulty=s["difficulty"], system=s["system"])  # fmt: skip
+        write_jsonl(rows, d / fam / "pretrain.jsonl")
     return {"families": s["families"], "n_train": s["n_train"], "n_eval": s["n_eval"]}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 EXPERT_KEYS = {"name", "families", "files", "overrides"}
+PRETRAIN_KEYS = {"config", "families", "files", "overrides", "data_seed"}
 TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
             "online_dpo", "eval"}  # fmt: skip
 SECTION_KEYS = {
@@ -94,6 +95,7 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
         _check_keys(f"sft.experts[{i}]", e, EXPERT_KEYS)
         if not e.get("name") or not (e.get("families") or e.get("files")):
             raise PipelineError(f"sft.experts[{i}]: needs `name` and `families` and/or `files`")
+    _check_pretrain(spec["base"].get("pretrain"))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     for sec in ("dpo", "online_dpo"):
         if spec[sec]:
@@ -105,6 +107,19 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     if abl not in (None, "performance"):
         raise PipelineError(f"sft.ablation: must be null or 'performance', got {abl!r}")
     return spec
+
+
+def _check_pretrain(pre) -> None:
+    if not pre:
+        return
+    if not isinstance(pre, dict):
+        raise PipelineError(f"base.pretrain: expected a mapping, got {type(pre).__name__}")
+    _check_keys("base.pretrain", pre, PRETRAIN_KEYS)
+    if not pre.get("config") or not (pre.get("families") or pre.get("files")):
+        raise PipelineError("base.pretrain: needs `config` and `families` and/or `files`")
+    ds = pre.get("data_seed")
+    if ds is not None and (not isinstance(ds, int) or isinstance(ds, bool)):
+        raise PipelineError(f"base.pretrain.data_seed: expected an int or null, got {ds!r}")
 
 
 def _check_weights(key: str, w, n: int) -> None:
@@ -181,6 +196,11 @@ def _data_stage(spec: dict, seed: int) -> tuple[Stage, dict]:
         "difficulty": int(d.get("difficulty", 1)),
         "system": d.get("system"),
     }
+    pre = spec["base"].get("pretrain") or {}
+    if pre.get("data_seed") is not None:  # the base's own sample (the key is absent otherwise,
+        # so specs without it hash as before)
+        data_spec["pretrain"] = {"families": sorted(set(pre.get("families") or [])),
+                                 "seed": int(pre["data_seed"])}  # fmt: skip
     eval_spec = {
         "families": eval_fams,
         "n_per_family": ev.get("n_per_family"),
@@ -204,7 +224,7 @@ def _base_stages(g: _StageList, base: dict) -> str:
     if pre and base.get("path", "tiny") == "tiny":
         g.add_eval("init", "random init")
     if pre:
-        files = _files(g.spec, pre, "sft")
+        files = _files(g.spec, pre, "pretrain" if pre.get("data_seed") is not None else "sft")
         g.add_train("pretrain", pre["config"], model, files, pre.get("overrides"), "base")
         model = "pretrain"
     else:
@@ -307,7 +327,10 @@ def output_complete(stage: Stage, d: Path) -> bool:
     if stage.kind == "external":
         return (Path(stage.spec["path"]) / "config.json").is_file()
     if stage.kind == "data":
-        return all((d / f / "eval.jsonl").is_file() for f in stage.spec["families"])
+        pre = stage.spec.get("pretrain") or {"families": []}
+        return all((d / f / "eval.jsonl").is_file() for f in stage.spec["families"]) and all(
+            (d / f / "pretrain.jsonl").is_file() for f in pre["families"]
+        )
     if stage.kind == "eval":
         return (d / "eval.json").is_file()
     if stage.kind == "train" and not (d / "done.json").is_file():

@@ -245,6 +245,15 @@ def test_performance_weights():
         ({"online_dpo.rounds": 0}, "online_dpo.rounds"),
         ({"sft.ablation": "best"}, "sft.ablation"),
         ({"nproc": 0}, "nproc"),
+        (
+            {"base.pretrain": {"config": "demo_sft", "families": ["arith_ar"], "bogus": 1}},
+            "base.pretrain",
+        ),
+        (
+            {"base.pretrain": {"config": "demo_sft", "families": ["arith_ar"], "data_seed": "1"}},
+            "base.pretrain.data_seed",
+        ),
+        ({"base.pretrain": {"config": "demo_sft"}}, "base.pretrain"),
     ],
 )
 def test_spec_validation(tmp_path, change, match):
@@ -260,6 +269,41 @@ def test_builtin_pipelines_compile():
         assert names.index("sft_merge") < names.index("dpo") < names.index("online_merge")
         for i, st in enumerate(stages):  # dependencies always come first
             assert all(names.index(d) < i for d in st.deps)
+
+
+def test_pretrain_data_seed_gives_the_base_its_own_rows(tmp_path):
+    """base.pretrain.data_seed: the pretrain stage trains on data/<fam>/pretrain.jsonl, rows
+    drawn with that seed (train split: never an eval prompt), not the experts' sft.jsonl; a
+    family listed twice is upsampled (its file twice). Without the key, specs hash as before."""
+    pre = {"config": "demo_sft", "families": ["arith_ar", "digits_ar", "digits_ar"]}
+    plain = pl.load_pipeline(str(write_spec(tmp_path / "a.yaml", tmp_path / "w",
+                                            **{"base.pretrain": pre})))  # fmt: skip
+    seeded = pl.load_pipeline(str(write_spec(tmp_path / "b.yaml", tmp_path / "w",
+                                             **{"base.pretrain": {**pre, "data_seed": 7}})))  # fmt: skip
+    st_plain = {s.name: s for s in pl.build_stages(plain)}
+    st = {s.name: s for s in pl.build_stages(seeded)}
+    assert "pretrain" not in st_plain["data"].spec
+    assert [k for _, k in st_plain["pretrain"].spec["data"]] == ["sft"] * 3
+    assert st["pretrain"].spec["data"] == [["arith_ar", "pretrain"], ["digits_ar", "pretrain"],
+                                           ["digits_ar", "pretrain"]]  # fmt: skip
+    assert st["sft_math"].spec["data"] == st_plain["sft_math"].spec["data"]
+    assert pl.stage_hash(st["data"], {}) != pl.stage_hash(st_plain["data"], {})
+
+    d = tmp_path / "w" / "data"
+    d.mkdir(parents=True)
+    assert not pl.output_complete(st["data"], d)
+    pl.run_data(st["data"], d, pl.Context(seeded, tmp_path / "w", {}))
+    assert pl.output_complete(st["data"], d)
+    for fam in ("arith_ar", "digits_ar"):
+        pretrain, sft, ev = (
+            [json.loads(x) for x in (d / fam / name).read_text().splitlines()]
+            for name in ("pretrain.jsonl", "sft.jsonl", "eval.jsonl")
+        )
+        assert len(pretrain) == MICRO["data"]["n_train"]
+        assert all(r["split"] == "train" for r in pretrain)
+        assert not {r["prompt"] for r in pretrain} & {r["prompt"] for r in ev}
+        assert [r["prompt"] for r in pretrain] != [r["prompt"] for r in sft]
+    assert not (d / "count_ar").exists()
 
 
 def test_train_command_uses_torchrun_when_nproc_gt_1(tmp_path):
