@@ -23,6 +23,7 @@ last (and into the README's performance table via render_results.py).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -262,6 +263,13 @@ def goal_row(
         None if goal is None else f"{'>=' if higher_is_better else '<='} {fmt(float(goal))}{unit}"
     )
     return {"metric": metric, "value": value, "goal": goal_s, "ok": ok}
+
+
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The benchmarks' CLI parser: the module docstring as the help text, line breaks kept."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def results_dir() -> Path:

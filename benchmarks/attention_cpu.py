@@ -13,7 +13,6 @@ benchmarks.train_step). Each row also records the largest |fast - reference| of 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._common import env_info, markdown_table, write_results
+from benchmarks._common import arg_parser, env_info, markdown_table, write_results
 from r7b_fast.kernels.attention import varlen_attention_reference, varlen_attention_torch
 
 SHAPES = [(512, 48), (2048, 100)]  # (row tokens, median sequence length)
@@ -62,9 +61,7 @@ def measure(lens, window, reps: int, heads=(4, 2), head_dim=32, seed=0) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)

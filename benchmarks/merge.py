@@ -16,7 +16,6 @@ Ratios: ours / floor and mergekit / ours. Results: benchmarks/results/merge.{jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import markdown_table, write_results  # noqa: E402
+from benchmarks._common import arg_parser, markdown_table, write_results  # noqa: E402
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 1024, 4096, 32000, 8, 2
 # The I/O floor: every input file read once (1 MiB reads, files spread over THREADS threads, as
@@ -207,9 +206,7 @@ def measure(
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--size-mb", type=float, default=400, help="approximate size of one expert")
     ap.add_argument("--shards", type=int, default=4)

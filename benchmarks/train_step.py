@@ -48,6 +48,7 @@ import torch
 
 from benchmarks import _e2e
 from benchmarks._common import (
+    arg_parser,
     bench,
     device_of,
     env_info,
@@ -291,9 +292,7 @@ def run_variant(stage, variant, model, data, opt, device, args) -> dict:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="the tiny test model (CPU measurement)")
     ap.add_argument(
