@@ -7,7 +7,8 @@ linear list of stages, each with its own directory `work_dir/<stage>/`:
 
     data                       generated task data (sft / pref / eval JSONL per family)
     init                       the base checkpoint (a seeded tiny Cohere2), unless base.path is a dir
-    pretrain                   optional warm-up SFT standing in for a pretrained base
+    pretrain                   optional warm-up SFT standing in for a pretrained base (with
+                               base.pretrain.data_seed: on its own rows, data/<fam>/pretrain.jsonl)
     sft_<expert>...            1. one SFT run per expert dataset, all from the same base
     sft_merge                  -> linear merge, equal weights by default (sft.merge_weights)
     sft_merge_perf             ablation: performance-weighted merge (not used downstream)
