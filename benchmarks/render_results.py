@@ -199,21 +199,31 @@ def readme_table(results: Path) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+CPU_HF = {"sft": "padded, `model(labels=...)`", "dpo": "TRL-style padded [2B, L] pairs"}
+
+
 def cpu_line(part: dict) -> str:
-    """The tiny-model CPU SFT measurement (issue 7) in one sentence."""
+    """The tiny-model CPU train-step measurement (issue 7): SFT and DPO, in one sentence."""
     by = {(r["stage"], r["variant"]): r for r in part.get("rows", []) if "error" not in r}
-    ours, hf = by.get(("sft", "ours")), by.get(("sft", "hf"))
-    if not (ours and hf):
-        return "CPU tiny-model SFT measurement: incomplete (see train_step_cpu_tiny.json)."
+    parts = []
+    for stage, hf_desc in CPU_HF.items():
+        ours, hf = by.get((stage, "ours")), by.get((stage, "hf"))
+        if not (ours and hf):
+            continue
+        cpu = ""
+        if ours.get("tokens_per_cpu_s") and hf.get("tokens_per_cpu_s"):
+            cpu = f", {ours['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x in process CPU time"
+        parts.append(
+            f"{stage.upper()}: ours (packed) {ours['tokens_per_s']:.0f} tokens/s vs HF ({hf_desc}) "
+            f"{hf['tokens_per_s']:.0f} tokens/s on the same {ours['real_tokens']} real tokens: "
+            f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x{cpu}"
+        )
+    if not parts:
+        return "CPU tiny-model train-step measurement: incomplete (see train_step_cpu_tiny.json)."
     env = part.get("env", {})
-    cpu = ""
-    if ours.get("tokens_per_cpu_s") and hf.get("tokens_per_cpu_s"):
-        cpu = f", {ours['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x in process CPU time"
     return (
-        f"CPU, tiny model, SFT ({env.get('cpu_count')}-core CPU shared with other jobs, steps "
-        f"interleaved, {env.get('utc')}): ours (packed) {ours['tokens_per_s']:.0f} tokens/s vs HF "
-        f"(padded, `model(labels=...)`) {hf['tokens_per_s']:.0f} tokens/s on the same "
-        f"{ours['real_tokens']} real tokens: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x{cpu} "
+        f"CPU, tiny model ({env.get('cpu_count')}-core CPU shared with other jobs, steps "
+        f"interleaved, {env.get('utc')}). " + "; ".join(parts) + " "
         "([`train_step_cpu_tiny.json`](benchmarks/results/train_step_cpu_tiny.json))."
     )
 

@@ -253,3 +253,23 @@ def test_models_built_from_one_config_switch_attention_independently():
     assert hf.config._attn_implementation == "sdpa"  # untouched: the HF baseline stays HF
     for a, b in zip(ours.parameters(), hf.parameters()):
         assert torch.equal(a, b)  # same seeded weights
+
+
+def test_cpu_line_reports_each_stage_ratio():
+    row = lambda stage, variant, tps, cpu: {  # noqa: E731
+        "stage": stage, "variant": variant, "tokens_per_s": tps, "tokens_per_cpu_s": cpu,
+        "real_tokens": 1000}  # fmt: skip
+    part = {"env": {"cpu_count": 2, "utc": "T"},
+            "rows": [row("sft", "hf", 400.0, 200.0), row("sft", "ours", 600.0, 250.0),
+                     row("dpo", "hf", 500.0, 100.0), row("dpo", "ours", 450.0, 90.0)]}  # fmt: skip
+    line = render_results.cpu_line(part)
+    assert (
+        "SFT: ours (packed) 600 tokens/s" in line and ": 1.50x, 1.25x in process CPU time" in line
+    )
+    assert (
+        "DPO: ours (packed) 450 tokens/s" in line and ": 0.90x, 0.90x in process CPU time" in line
+    )
+    part["rows"] = part["rows"][2:]  # DPO only
+    assert "SFT" not in render_results.cpu_line(part)
+    part["rows"] = [{"stage": "sft", "variant": "ours", "error": "oom"}]
+    assert "incomplete" in render_results.cpu_line(part)
