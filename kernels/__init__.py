@@ -5,7 +5,9 @@ Imported lazily: `import r7b_fast.kernels` costs nothing until a kernel is used.
 - `linear_logprobs(hidden, weight, targets, *, scale, ignore_index, backend)`: log p(target)
   under softmax(scale * hidden @ weight.T) without materialising the logits.
 - `varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, window, softmax_scale, backend)`:
-  packed-sequence flash attention with GQA and sliding window.
+  packed-sequence flash attention with GQA and sliding window. Its torch twin
+  (`varlen_attention_torch`) is a fast tiled path for CPUs; `varlen_attention_reference` is the
+  slow per-sequence loop the tests take as their truth.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ _LAZY = {
     "linear_logprobs_torch": "r7b_fast.kernels.linear_logprobs",
     "varlen_attention": "r7b_fast.kernels.attention",
     "varlen_attention_torch": "r7b_fast.kernels.attention",
+    "varlen_attention_reference": "r7b_fast.kernels.attention",
 }
 
 __all__ = sorted(_LAZY)
