@@ -107,6 +107,13 @@ def sft_liger(model, batches, n_targets):
     return run
 
 
+def packed_logps(model, row: dict) -> torch.Tensor:
+    """fp32 [1, T] log p(target) of one packed row through a model patched by apply_kernels."""
+    return model(
+        row["input_ids"][None], position_ids=row["position_ids"][None], targets=row["targets"][None]
+    ).token_logps
+
+
 def sft_ours(model, rows, n_targets, backend="auto"):
     from r7b_fast.model import apply_kernels
 
@@ -115,15 +122,10 @@ def sft_ours(model, rows, n_targets, backend="auto"):
     def run():
         total = 0.0
         for r in rows:
-            out = model(
-                r["input_ids"][None],
-                position_ids=r["position_ids"][None],
-                targets=r["targets"][None],
-            )
-            loss = -out.token_logps.sum() / n_targets
+            loss = -packed_logps(model, r).sum() / n_targets
             loss.backward()
             total += loss.detach()
-            del out, loss
+            del loss
         return total
 
     return run
@@ -202,12 +204,7 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
     def run():
         total = 0.0
         for r in rows:
-            tl = model(
-                r["input_ids"][None],
-                position_ids=r["position_ids"][None],
-                targets=r["targets"][None],
-            )
-            seq = losses.sequence_logps(tl.token_logps[0], r["seq_ids"], len(r["pair_ids"]))
+            seq = losses.sequence_logps(packed_logps(model, r)[0], r["seq_ids"], len(r["pair_ids"]))
             ch, rj = r["is_chosen"], ~r["is_chosen"]
             pairs = r["pair_ids"][ch]
             loss, _ = losses.dpo_loss(
@@ -216,7 +213,7 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
             loss = loss * (len(pairs) / n_pairs)
             loss.backward()
             total += loss.detach()
-            del tl, seq, loss
+            del seq, loss
         return total
 
     return run
