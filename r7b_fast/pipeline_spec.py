@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from r7b_fast.data.synthetic import FAMILIES
+
 EXPERT_KEYS = {"name", "families", "files", "overrides"}
 PRETRAIN_KEYS = {"config", "families", "files", "overrides", "data_seed"}
 TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
@@ -79,7 +81,8 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     spec = yaml.safe_load(path.read_text()) or {}
     _check_keys("<root>", spec, TOP_KEYS)
     for sec, keys in SECTION_KEYS.items():
-        _check_keys(sec, spec.setdefault(sec, {}) or {}, keys)
+        spec[sec] = spec.get(sec) or {}  # absent or null: an empty section (no such stage)
+        _check_keys(sec, spec[sec], keys)
     spec["_dir"] = str(path.parent.resolve())
     if work_dir is not None:
         spec["work_dir"] = work_dir
@@ -95,6 +98,10 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
         _check_keys(f"sft.experts[{i}]", e, EXPERT_KEYS)
         if not e.get("name") or not (e.get("families") or e.get("files")):
             raise PipelineError(f"sft.experts[{i}]: needs `name` and `families` and/or `files`")
+        _check_families(f"sft.experts[{i}].families", e.get("families"))
+    for sec in ("dpo", "online_dpo", "eval"):
+        _check_families(f"{sec}.families", spec[sec].get("families"))
+    _check_data(spec["data"])
     _check_pretrain(spec["base"].get("pretrain"))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     for sec in ("dpo", "online_dpo"):
@@ -117,9 +124,33 @@ def _check_pretrain(pre) -> None:
     _check_keys("base.pretrain", pre, PRETRAIN_KEYS)
     if not pre.get("config") or not (pre.get("families") or pre.get("files")):
         raise PipelineError("base.pretrain: needs `config` and `families` and/or `files`")
+    _check_families("base.pretrain.families", pre.get("families"))
     ds = pre.get("data_seed")
     if ds is not None and (not isinstance(ds, int) or isinstance(ds, bool)):
         raise PipelineError(f"base.pretrain.data_seed: expected an int or null, got {ds!r}")
+
+
+def _check_families(key: str, fams) -> None:
+    """`fams` is null or a list of generated family names (`r7b_fast.data.synthetic.FAMILIES`)."""
+    if fams is None:
+        return
+    if not isinstance(fams, list):
+        raise PipelineError(f"{key}: expected a list of family names, got {fams!r}")
+    bad = [f for f in fams if not isinstance(f, str) or f not in FAMILIES]
+    if bad:
+        raise PipelineError(f"{key}: unknown families {bad!r} (known: {', '.join(FAMILIES)})")
+
+
+def _check_data(data: dict) -> None:
+    """data.n_train / n_eval: ints >= 1; data.difficulty: 1, 2 or 3 (bools are not ints)."""
+    for k, ok, want in (("n_train", lambda v: v >= 1, "an int >= 1"),
+                        ("n_eval", lambda v: v >= 1, "an int >= 1"),
+                        ("difficulty", lambda v: v in (1, 2, 3), "1, 2 or 3")):  # fmt: skip
+        if k not in data:
+            continue
+        v = data[k]
+        if not isinstance(v, int) or isinstance(v, bool) or not ok(v):
+            raise PipelineError(f"data.{k}: expected {want}, got {v!r}")
 
 
 def _check_weights(key: str, w, n: int) -> None:

@@ -254,12 +254,54 @@ def test_performance_weights():
             "base.pretrain.data_seed",
         ),
         ({"base.pretrain": {"config": "demo_sft"}}, "base.pretrain"),
+        # family lists: a list of known names, the error naming the key
+        ({"sft.experts": [{"name": "m", "families": "arith_ar"}]}, r"sft\.experts\[0\]\.families"),
+        (
+            {
+                "sft.experts": [
+                    {"name": "m", "families": ["arith_ar"]},
+                    {"name": "s", "families": ["nope_ar"]},
+                ]
+            },
+            r"sft\.experts\[1\]\.families.*nope_ar",
+        ),  # fmt: skip
+        (
+            {"base.pretrain": {"config": "demo_sft", "families": ["arith_ar", "nope"]}},
+            r"base\.pretrain\.families",
+        ),
+        (
+            {"base.pretrain": {"config": "demo_sft", "families": "arith_ar"}},
+            "base.pretrain.families",
+        ),
+        ({"dpo.families": ["arith_ar", "arith"]}, r"dpo\.families.*'arith'"),
+        ({"online_dpo.families": "arith_ar"}, r"online_dpo\.families"),
+        ({"eval.families": ["digits"]}, r"eval\.families"),
+        ({"eval.families": [["arith_ar"]]}, r"eval\.families"),
+        # data sizes: ints (a bool is not one)
+        ({"data.n_train": "abc"}, r"data\.n_train"),
+        ({"data.n_train": True}, r"data\.n_train"),
+        ({"data.n_train": 0}, r"data\.n_train"),
+        ({"data.n_eval": 1.5}, r"data\.n_eval"),
+        ({"data.n_eval": None}, r"data\.n_eval"),
+        ({"data.difficulty": "2"}, r"data\.difficulty"),
+        ({"data.difficulty": True}, r"data\.difficulty"),
+        ({"data.difficulty": 4}, r"data\.difficulty"),
     ],
 )
 def test_spec_validation(tmp_path, change, match):
     yml = write_spec(tmp_path / "p.yaml", tmp_path / "w", **change)
     with pytest.raises(pl.PipelineError, match=match):
         pl.load_pipeline(str(yml))
+
+
+def test_null_sections_are_empty(tmp_path):
+    """`dpo: null` / `online_dpo: null` mean "no such stage" (as an absent section does)."""
+    spec = pl.load_pipeline(str(write_spec(tmp_path / "p.yaml", tmp_path / "w", dpo=None,
+                                           online_dpo=None)))  # fmt: skip
+    assert spec["dpo"] == {} and spec["online_dpo"] == {}
+    names = [s.name for s in pl.build_stages(spec)]
+    assert names[-2:] == ["sft_merge_perf", "eval_sft_merge_perf"]
+    assert not any(n.startswith(("dpo", "online")) for n in names)
 
 
 def test_builtin_pipelines_compile():
