@@ -210,7 +210,8 @@ def merge_checkpoints(
     normalize: None = the method's mergekit default (linear True, task_arithmetic False).
     dtype: output dtype of floating tensors ("bfloat16"/"float16"/"float32"; default: each
     tensor's input dtype). threads: engine threads (default min(cpu count, 8)).
-    max_shard_size: "5GB"-style or bytes. overwrite: replace an existing `out`.
+    max_shard_size: "5GB"-style or bytes. overwrite: replace an existing `out` (never one that
+    is, lies inside or contains an input model: a MergeError).
     progress: None = a bar on a terminal, True/False, or callable(done_bytes, total_bytes).
     simd: "auto" (honours R7B_MERGE_SIMD) | "scalar" | "avx2" | "avx512".
     chunk_bytes: bytes per buffer (>= 64; lowered, not below 64 KiB, so that all the engine's
@@ -270,10 +271,13 @@ def _check_args(models, out, dtype, threads, max_shard_size):
 
 
 def _check_out(out: Path, everyone: list[Path], overwrite: bool) -> None:
-    """`out` must not be or lie inside an input model, nor exist unless `overwrite`."""
+    """`out` must not be, lie inside or contain an input model (replacing it would delete the
+    input), nor exist unless `overwrite`. Paths are resolved (symlinks followed)."""
     for p in everyone:
-        if out == p or p in out.parents:
-            raise MergeError(f"out {str(out)!r} must not be (inside) input model {str(p)!r}")
+        if out == p or p in out.parents or out in p.parents:
+            raise MergeError(
+                f"out {str(out)!r} must not be, lie inside or contain input model {str(p)!r}"
+            )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"out {str(out)!r} exists (pass overwrite=True / --overwrite)")
 

@@ -166,6 +166,29 @@ def test_overwrite_rules(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "out"]
 
 
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize("role", ["models", "base"])
+def test_out_containing_an_input_model_is_refused_and_inputs_kept(tmp_path, role, overwrite):
+    """`out` = the parent of an input model (a model or the base) would be replaced, deleting
+    the inputs: refused with a MergeError naming `out`, before anything is written or removed."""
+    w = tmp_path / "w"
+    m = [write_model(w / f"m{k}", {"a": ("F32", np.float32([k, 1]))}) for k in range(2)]
+    models, base = (m, None) if role == "models" else ([tmp_path / "x"], m[0])
+    if role == "base":
+        write_model(tmp_path / "x", {"a": ("F32", np.float32([5, 1]))})
+    before = _snapshot(tmp_path)
+    with pytest.raises(MergeError, match=f"out {str(w)!r} must not"):
+        merge_checkpoints(models, w, base=base, overwrite=overwrite, progress=False)
+    with pytest.raises(MergeError, match="must not"):  # the same through a relative path
+        merge_checkpoints(models, os.path.relpath(w), base=base, overwrite=True, progress=False)
+    assert _snapshot(tmp_path) == before
+    assert {p.name for p in tmp_path.iterdir()} == ({"w", "x"} if role == "base" else {"w"})
+
+
 def _mutations(blob: bytes):
     """Strategy: a valid file with byte flips, truncation/extension, or a rewritten length."""
     pos = st.integers(0, len(blob) - 1)
