@@ -218,16 +218,18 @@ def _data_stage(spec: dict, seed: int) -> tuple[Stage, dict]:
     used = [f for e in sft["experts"] for f in e.get("families") or []]
     used += list(dpo.get("families") or []) + list(onl.get("families") or [])
     eval_fams = list(ev.get("families") or dict.fromkeys(used))
+    pre = spec["base"].get("pretrain") or {}
+    # without data_seed the pretrain stage reads the families' sft.jsonl: generate them too
+    pre_sft = set(pre.get("families") or []) if pre.get("data_seed") is None else set()
     d = spec["data"]
     data_spec = {
-        "families": sorted(set(used) | set(eval_fams)),
+        "families": sorted(set(used) | set(eval_fams) | pre_sft),
         "n_train": int(d.get("n_train", 256)),
         "n_eval": int(d.get("n_eval", 32)),
         "seed": seed,
         "difficulty": int(d.get("difficulty", 1)),
         "system": d.get("system"),
     }
-    pre = spec["base"].get("pretrain") or {}
     if pre.get("data_seed") is not None:  # the base's own sample (the key is absent otherwise,
         # so specs without it hash as before)
         data_spec["pretrain"] = {"families": sorted(set(pre.get("families") or [])),

@@ -348,6 +348,31 @@ def test_pretrain_data_seed_gives_the_base_its_own_rows(tmp_path):
     assert not (d / "count_ar").exists()
 
 
+def test_pretrain_only_family_is_generated(tmp_path):
+    """Without data_seed the pretrain stage reads data/<fam>/sft.jsonl: the data stage generates
+    every pretrain family, also one no expert / DPO / eval uses (count_ar here); a pretrain
+    family already covered leaves the data stage (and its hash) as without pretrain."""
+    pre = {"config": "demo_sft", "families": ["arith_ar", "count_ar"]}
+    spec = pl.load_pipeline(str(write_spec(tmp_path / "a.yaml", tmp_path / "w",
+                                           **{"base.pretrain": pre})))  # fmt: skip
+    st = {s.name: s for s in pl.build_stages(spec)}
+    assert st["data"].spec["families"] == ["arith_ar", "count_ar", "digits_ar"]
+    assert st["eval_sft_merge"].spec["families"] == MICRO["eval"]["families"]  # eval unchanged
+    ctx = pl.Context(spec, tmp_path / "w", st)
+    pl.run_data(st["data"], tmp_path / "w" / "data", ctx)
+    assert st["pretrain"].spec["data"] == [["arith_ar", "sft"], ["count_ar", "sft"]]
+    for fam, kind in st["pretrain"].spec["data"]:
+        assert len(ctx.data_file(fam, kind).read_text().splitlines()) == MICRO["data"]["n_train"]
+
+    covered = {"config": "demo_sft", "families": ["digits_ar"]}
+    plain = pl.load_pipeline(str(write_spec(tmp_path / "b.yaml", tmp_path / "w")))
+    spec = pl.load_pipeline(str(write_spec(tmp_path / "c.yaml", tmp_path / "w",
+                                           **{"base.pretrain": covered})))  # fmt: skip
+    data, data_plain = pl.build_stages(spec)[0], pl.build_stages(plain)[0]
+    assert data.spec == data_plain.spec
+    assert pl.stage_hash(data, {}) == pl.stage_hash(data_plain, {})
+
+
 def test_train_command_uses_torchrun_when_nproc_gt_1(tmp_path):
     spec = pl.load_pipeline(str(write_spec(tmp_path / "p.yaml", tmp_path / "w", nproc=2)))
     st = next(s for s in pl.build_stages(spec) if s.kind == "train")
