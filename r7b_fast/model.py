@@ -173,7 +173,10 @@ def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: 
     attention: the model runs packed rows ([1, T] or [B, T] with `position_ids` restarting at 0
         per sequence, `use_cache=False`) through our varlen attention kernel
         (`r7b_fast.hf_attention.use_varlen_attention`); the per-batch packing kwargs
-        (`hf_attention.packed_kwargs(position_ids)`) are computed once per forward.
+        (`hf_attention.packed_kwargs(position_ids)`) are computed once per forward. Optional
+        `model(..., cu_seqlens=int32[S+1])` gives the boundaries over the flattened tokens
+        instead (e.g. `train_data.collate`'s, padding as one segment rather than one sequence
+        per pad token); ignored without the attention patch.
     loss: `model(...)` computes log-probs with `linear_logprobs` (scaled by `logit_scale`),
         never materialising the [tokens, vocab] logits:
         - `model(input_ids, position_ids=..., targets=T)` with `targets` already shifted (the next
@@ -205,10 +208,11 @@ def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: 
 
 def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
     state = self._r7b_kernels
+    cu_seqlens = kwargs.pop("cu_seqlens", None)  # the packer's boundaries (see apply_kernels)
     if state["attention"] and position_ids is not None and attention_mask is None:
         from r7b_fast.hf_attention import packed_kwargs
 
-        for key, value in packed_kwargs(position_ids).items():
+        for key, value in packed_kwargs(position_ids, cu_seqlens).items():
             kwargs.setdefault(key, value)
     targets, labels = kwargs.pop("targets", None), kwargs.get("labels")
     if not state["loss"] or (targets is None and labels is None):

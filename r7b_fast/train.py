@@ -87,8 +87,9 @@ def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
     from r7b_fast import losses
 
     token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"]
-    ).token_logps
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+        cu_seqlens=batch["cu_seqlens"],
+    ).token_logps  # fmt: skip
     return losses.sft_loss(token_logps, batch["targets"], denom), {}
 
 
@@ -102,8 +103,9 @@ def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
     from r7b_fast import losses
 
     token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"]
-    ).token_logps
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+        cu_seqlens=batch["cu_seqlens"],
+    ).token_logps  # fmt: skip
     seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
     chosen, rejected = batch["chosen_index"], batch["rejected_index"]
     ref = batch["ref_logps"]

@@ -94,6 +94,19 @@ def make_iterator(packed, cfg: Config, dist: distributed.Dist) -> MicroBatchIter
                               rank=dist.rank, world_size=dist.world_size)  # fmt: skip
 
 
+def flat_cu_seqlens(rows: list[dict]) -> torch.Tensor:
+    """int32 boundaries over the rows' tokens laid end to end: each row's packed sequences, then
+    its padding as ONE segment (attention treats it as one sequence, not one per pad token)."""
+    out, offset = [torch.zeros(1, dtype=torch.int32)], 0
+    for r in rows:
+        cu, T = r["cu_seqlens"], len(r["input_ids"])
+        out.append(cu[1:] + offset)
+        if int(cu[-1]) < T:
+            out.append(torch.tensor([offset + T], dtype=torch.int32))
+        offset += T
+    return torch.cat(out)
+
+
 def collate(rows: list[dict], device) -> dict:
     """Concatenate packed rows into one packed row [1, B*T] on `device` (sequence ids offset so
     they stay unique). Preference rows also get `chosen_index`/`rejected_index` (the pair's
@@ -108,6 +121,7 @@ def collate(rows: list[dict], device) -> dict:
     batch = {
         "input_ids": cat("input_ids")[None],
         "position_ids": cat("position_ids")[None],
+        "cu_seqlens": flat_cu_seqlens(rows),
         "targets": cat("targets")[None],
         "seq_ids": torch.cat(seq_ids)[None],
         "num_seqs": total,
@@ -160,7 +174,7 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
         batch = collate([packed.row(i)], dist.device)
         with autocast(s):
             out = model(batch["input_ids"], position_ids=batch["position_ids"],
-                        targets=batch["targets"])  # fmt: skip
+                        targets=batch["targets"], cu_seqlens=batch["cu_seqlens"])  # fmt: skip
         seq = losses.sequence_logps(out.token_logps[0].float(), batch["seq_ids"][0],
                                     batch["num_seqs"])  # fmt: skip
         mine[i] = seq.cpu()

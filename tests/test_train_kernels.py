@@ -184,3 +184,23 @@ def test_load_model_llama_dir_and_apply_kernels(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="'gpt2' model"):
         load_model(str(tmp_path / "gpt2"))
+
+
+def test_collate_cu_seqlens_one_segment_per_row_padding():
+    """collate's flat boundaries: each row's sequences, then its padding as ONE segment (not one
+    sequence per pad token, which is what position ids alone would give)."""
+    from r7b_fast.data.packing import pack_sft
+
+    seqs = [([5] * 7, [1] * 7), ([6] * 5, [1] * 5), ([7] * 9, [1] * 9), ([8] * 16, [1] * 16)]
+    packed = pack_sft(seqs, 16, pad_id=0)
+    rows = [packed.row(i) for i in range(len(packed))]
+    cu = collate(rows, "cpu")["cu_seqlens"].tolist()
+    expect, offset = [0], 0
+    for r in rows:
+        lens = torch.diff(r["cu_seqlens"]).tolist()
+        pad = len(r["input_ids"]) - sum(lens)
+        for n in lens + ([pad] if pad else []):
+            expect.append(expect[-1] + n)
+        offset += len(r["input_ids"])
+    assert cu == expect and cu[-1] == offset == 16 * len(rows)
+    assert any(int(r["cu_seqlens"][-1]) < 16 for r in rows)  # the case under test: padding
