@@ -22,8 +22,9 @@ Training stages run `python -m r7b_fast.train CONFIG key=value...` as subprocess
 `torchrun --nproc_per_node N` when nproc > 1), so they run exactly the trainer's code; merges
 call `r7b_fast.merge.merge_checkpoints`. Each stage writes `started.json` (its hash) when it
 starts and `record.json` (hash, kind, metrics, seconds, output) when complete. The hash covers
-the stage's spec (for training: the trainer config file's text and the overrides) and the hashes
-of the stages it depends on. On a rerun, a stage whose record matches its hash and whose output
+the stage's spec (for training: the trainer config file's text and the overrides; for data and
+the tiny init: TOKENIZER_VERSION, the generator/tokenizer cache key) and the hashes of the stages
+it depends on. On a rerun, a stage whose record matches its hash and whose output
 exists is skipped; an interrupted one (started, no record) is redone in place (the trainer
 resumes from its own checkpoints); a stage whose spec changed is wiped and redone. `--from
 STAGE` wipes and redoes that stage and every later one.

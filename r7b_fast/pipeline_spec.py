@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from r7b_fast.data import tokenizer
 from r7b_fast.data.synthetic import FAMILIES
 
 EXPERT_KEYS = {"name", "families", "files", "overrides"}
@@ -229,6 +230,7 @@ def _data_stage(spec: dict, seed: int) -> tuple[Stage, dict]:
         "seed": seed,
         "difficulty": int(d.get("difficulty", 1)),
         "system": d.get("system"),
+        "version": tokenizer.TOKENIZER_VERSION,  # bumped when the generator/corpus changes
     }
     if pre.get("data_seed") is not None:  # the base's own sample (the key is absent otherwise,
         # so specs without it hash as before)
@@ -247,7 +249,8 @@ def _base_stages(g: _StageList, base: dict) -> str:
     """init (a seeded tiny model, or an external checkpoint), the optional warm-up `pretrain`,
     and their evals; returns the name of the stage the experts start from."""
     if base.get("path", "tiny") == "tiny":
-        init = {"tiny_overrides": base.get("tiny_overrides") or {}, "seed": g.seed}
+        init = {"tiny_overrides": base.get("tiny_overrides") or {}, "seed": g.seed,
+                "version": tokenizer.TOKENIZER_VERSION}  # the embedded tokenizer  # fmt: skip
         g.stages.append(Stage("init", "init", [], init, label="base"))
     else:
         init = {"path": str(Path(base["path"]).resolve())}

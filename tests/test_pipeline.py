@@ -226,6 +226,30 @@ def test_stage_hash_depends_on_spec_and_upstream():
     assert pl.stage_hash(b, {"a": pl.stage_hash(a, {})}) == h1
 
 
+def test_data_and_init_hashes_cover_the_tokenizer_version(tmp_path, monkeypatch):
+    """TOKENIZER_VERSION (bumped when the generator, corpus or template change) is in the data
+    and tiny-init specs: a bump redoes them and, through the dependency hashes, everything."""
+    from r7b_fast.data import tokenizer
+
+    spec = pl.load_pipeline(str(write_spec(tmp_path / "p.yaml", tmp_path / "w")))
+
+    def hashes():
+        out = {}
+        for st in pl.build_stages(spec):
+            out[st.name] = pl.stage_hash(st, out)
+        return out
+
+    before = hashes()
+    st = {s.name: s for s in pl.build_stages(spec)}
+    assert st["data"].spec["version"] == st["init"].spec["version"] == tokenizer.TOKENIZER_VERSION
+    monkeypatch.setattr(tokenizer, "TOKENIZER_VERSION", tokenizer.TOKENIZER_VERSION + 1)
+    after = hashes()
+    assert set(after) == set(before)
+    assert all(after[n] != before[n] for n in before)
+    monkeypatch.undo()
+    assert hashes() == before
+
+
 def test_performance_weights():
     assert pl.performance_weights([1.0, 3.0]) == [0.25, 0.75]
     assert pl.performance_weights([0.0, 0.0]) == [0.5, 0.5]
