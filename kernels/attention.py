@@ -171,9 +171,14 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, wind
     differentiable through torch ops; max_seqlen is only checked (the tiles come from
     cu_seqlens, one host read). Also accepts float64. `backend="torch"` runs it."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, (*DTYPES, torch.float64))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return _tiled(q, k, v, cu_seqlens, causal, window, scale)
+
+
+def _tiled(q, k, v, cu_seqlens, causal, window, scale):
+    """varlen_attention_torch on checked inputs (varlen_attention checks them once itself)."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     if T == 0:  # an empty result, still in the graph of q, k and v (their gradients: empty)
         return q.clone() + 0 * (k.sum() + v.sum())
     n_tiles = -(-T // TILE)
@@ -266,8 +271,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if resolve_backend(backend, q, k, v) == "torch":
-        return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                      window=window, softmax_scale=scale)  # fmt: skip
+        return _tiled(q, k, v, cu_seqlens, causal, window, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     win = 0 if window is None else int(window)
     return _fwd_op(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), win, scale)[0]
