@@ -37,20 +37,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from r7b_fast.logging import PEAK_BF16_FLOPS, peak_flops  # noqa: F401 (one table, re-exported)
 
-# Dense bf16 tensor-core peak (vendor datasheets, FLOP/s) by a substring of the device name,
-# for MFU. First match wins, so the more specific names come first.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10", 125e12),
-)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def device_of(device: str | torch.device | None = None) -> torch.device:
@@ -63,18 +52,6 @@ def device_of(device: str | torch.device | None = None) -> torch.device:
 def sync(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_flops(device: str | torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of `device` (None when unknown, e.g. on the CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
 
 
 def bench(

@@ -18,24 +18,33 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, SXM parts, no sparsity).
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
+# Dense bf16 tensor-core peak (vendor datasheets, FLOP/s, no sparsity) by a substring of the
+# device name, for MFU (the trainer's and the benchmarks'). First match wins, so the more
+# specific names come first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
 
 
-def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s of `device`: `override_tflops` if > 0, else the table by GPU name; None on CPU."""
+def peak_flops(device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of `device`: `override_tflops` if > 0, else the table by GPU name; None on a
+    CPU or an unknown card."""
     if override_tflops > 0:
         return override_tflops * 1e12
+    device = torch.device(device)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
+    for key, flops in PEAK_BF16_FLOPS:
         if key in name:
-            return value
+            return flops
     return None
 
 

@@ -273,3 +273,20 @@ def test_cpu_line_reports_each_stage_ratio():
     assert "SFT" not in render_results.cpu_line(part)
     part["rows"] = [{"stage": "sft", "variant": "ours", "error": "oom"}]
     assert "incomplete" in render_results.cpu_line(part)
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H100 80GB HBM3", 989),
+     ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312), ("Some GPU", None)],
+)  # fmt: skip
+def test_one_peak_table_for_trainer_and_benchmarks(monkeypatch, name, tflops):
+    from benchmarks import _common
+    from r7b_fast import logging as r7b_logging
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert _common.peak_flops is r7b_logging.peak_flops  # the trainer's MFU and the benchmarks'
+    got = r7b_logging.peak_flops(torch.device("cuda", 0))
+    assert got == (None if tflops is None else tflops * 1e12)
+    assert r7b_logging.peak_flops(torch.device("cuda", 0), 123.0) == 123e12  # --peak override
+    assert r7b_logging.peak_flops(torch.device("cpu")) is None
