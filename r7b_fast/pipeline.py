@@ -96,7 +96,8 @@ class Context:
 def run_data(st: Stage, d: Path, ctx: Context) -> dict:
     """Each family's sft/pref/eval files; with `base.pretrain.data_seed`, also the base's own
     `pretrain.jsonl` per pretrain family: `n_train` train-split rows drawn with that seed (never
-    an eval prompt), so the base does not see the SFT experts' rows."""
+    an eval prompt), its own independent draw of rows (small prompt spaces such as digit
+    conversion still overlap the experts' SFT rows)."""
     from r7b_fast.data.synthetic import generate_split, make_dataset_dir, write_jsonl
 
     s = st.spec

@@ -103,7 +103,7 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     for sec in ("dpo", "online_dpo", "eval"):
         _check_families(f"{sec}.families", spec[sec].get("families"))
     _check_data(spec["data"])
-    _check_pretrain(spec["base"].get("pretrain"))
+    _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     for sec in ("dpo", "online_dpo"):
         if spec[sec]:
@@ -117,7 +117,9 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     return spec
 
 
-def _check_pretrain(pre) -> None:
+def _check_pretrain(pre, seed) -> None:
+    """base.pretrain: config + families/files; data_seed null or an int other than `seed` (the
+    pipeline's data seed, which would make the pretrain rows the experts' SFT rows)."""
     if not pre:
         return
     if not isinstance(pre, dict):
@@ -129,6 +131,9 @@ def _check_pretrain(pre) -> None:
     ds = pre.get("data_seed")
     if ds is not None and (not isinstance(ds, int) or isinstance(ds, bool)):
         raise PipelineError(f"base.pretrain.data_seed: expected an int or null, got {ds!r}")
+    if ds is not None and ds == seed:
+        raise PipelineError(f"base.pretrain.data_seed: {ds} is the pipeline's `seed`, which "
+                            "draws the SFT rows: pick another seed (or null)")  # fmt: skip
 
 
 def _check_families(key: str, fams) -> None:

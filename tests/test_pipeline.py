@@ -278,6 +278,10 @@ def test_performance_weights():
             "base.pretrain.data_seed",
         ),
         ({"base.pretrain": {"config": "demo_sft"}}, "base.pretrain"),
+        (  # the pipeline's own data seed (0): the pretrain rows would be the SFT rows
+            {"base.pretrain": {"config": "demo_sft", "families": ["arith_ar"], "data_seed": 0}},
+            r"base\.pretrain\.data_seed.*seed",
+        ),
         # family lists: a list of known names, the error naming the key
         ({"sft.experts": [{"name": "m", "families": "arith_ar"}]}, r"sft\.experts\[0\]\.families"),
         (
@@ -338,9 +342,11 @@ def test_builtin_pipelines_compile():
 
 
 def test_pretrain_data_seed_gives_the_base_its_own_rows(tmp_path):
-    """base.pretrain.data_seed: the pretrain stage trains on data/<fam>/pretrain.jsonl, rows
-    drawn with that seed (train split: never an eval prompt), not the experts' sft.jsonl; a
-    family listed twice is upsampled (its file twice). Without the key, specs hash as before."""
+    """base.pretrain.data_seed: the pretrain stage trains on data/<fam>/pretrain.jsonl, exactly
+    the train-split rows drawn with that seed (never an eval prompt), not the experts' sft.jsonl;
+    a family listed twice is upsampled (its file twice). Without the key, specs hash as before."""
+    from r7b_fast.data.synthetic import generate_split
+
     pre = {"config": "demo_sft", "families": ["arith_ar", "digits_ar", "digits_ar"]}
     plain = pl.load_pipeline(str(write_spec(tmp_path / "a.yaml", tmp_path / "w",
                                             **{"base.pretrain": pre})))  # fmt: skip
@@ -365,10 +371,13 @@ def test_pretrain_data_seed_gives_the_base_its_own_rows(tmp_path):
             [json.loads(x) for x in (d / fam / name).read_text().splitlines()]
             for name in ("pretrain.jsonl", "sft.jsonl", "eval.jsonl")
         )
-        assert len(pretrain) == MICRO["data"]["n_train"]
+        s = st["data"].spec
+        want = generate_split(fam, MICRO["data"]["n_train"], 7, "train",
+                              difficulty=s["difficulty"], system=s["system"])  # fmt: skip
+        assert pretrain == json.loads(json.dumps(want, ensure_ascii=False))
         assert all(r["split"] == "train" for r in pretrain)
         assert not {r["prompt"] for r in pretrain} & {r["prompt"] for r in ev}
-        assert [r["prompt"] for r in pretrain] != [r["prompt"] for r in sft]
+        assert pretrain != sft
     assert not (d / "count_ar").exists()
 
 
