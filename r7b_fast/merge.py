@@ -67,9 +67,9 @@ from r7b_fast.merge_read import (
 
 __all__ = [  # the public names, including those defined in merge_read / merge_plan
     "BUFFER_BUDGET", "COPIED_FILES", "DTYPE_NAMES", "ENGINE_DTYPE", "INDEX", "ITEMSIZE",
-    "MAX_HEADER", "METHODS", "NON_FLOAT", "SINGLE", "MergeError", "Tensor", "check_agree",
-    "coefficients", "load_mergekit_yaml", "main", "merge_checkpoints", "parse_size",
-    "read_header", "read_model",
+    "MAX_HEADER", "MAX_SOURCES", "METHODS", "MIN_CHUNK", "NON_FLOAT", "SINGLE", "MergeError",
+    "Tensor", "check_agree", "coefficients", "load_mergekit_yaml", "main", "merge_checkpoints",
+    "parse_size", "read_header", "read_model",
 ]  # fmt: skip
 
 DTYPE_NAMES = {
@@ -77,6 +77,8 @@ DTYPE_NAMES = {
     "float32": "F32", "fp32": "F32", "float": "F32",
 }  # fmt: skip
 BUFFER_BUDGET = 128 << 20  # the engine's buffers, whatever the number of models or threads
+MAX_SOURCES = 256  # models read per tensor, base included (csrc/engine.cpp kMaxSources)
+MIN_CHUNK = 64  # the engine's smallest chunk_bytes; the chunk is rounded down to a multiple of it
 COPIED_FILES = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
     r"added_tokens\.json|chat_template.*|vocab.*|merges\.txt|.*\.jinja)$"
@@ -172,11 +174,16 @@ def _run_engine(engine, progress) -> None:
 
 def _participants(paths: list[Path], base, weights, method: str):
     """(every model read: `paths` then the base if not among them, base index, weights aligned
-    with that list or None). A base that is not among `models` gets weight 0 in a linear merge."""
+    with that list or None). A base that is not among `models` gets weight 0 in a linear merge.
+    At most MAX_SOURCES models in all: a non-floating tensor is read from every one of them."""
     base_path = Path(base).resolve() if base is not None else None
     everyone = list(paths)
     if base_path is not None and base_path not in everyone:
         everyone.append(base_path)
+    if len(everyone) > MAX_SOURCES:
+        raise MergeError(
+            f"models: at most {MAX_SOURCES} sources (base included), got {len(everyone)}"
+        )
     base_index = everyone.index(base_path) if base_path is not None else None
     w = None if weights is None else [float(x) for x in weights]
     if w is not None and len(w) != len(paths):
@@ -214,8 +221,9 @@ def merge_checkpoints(
     is, lies inside or contains an input model: a MergeError).
     progress: None = a bar on a terminal, True/False, or callable(done_bytes, total_bytes).
     simd: "auto" (honours R7B_MERGE_SIMD) | "scalar" | "avx2" | "avx512".
-    chunk_bytes: bytes per buffer (>= 64; lowered, not below 64 KiB, so that all the engine's
-    buffers fit in BUFFER_BUDGET = 128 MiB).
+    chunk_bytes: bytes per buffer (an int >= 64, rounded down to a multiple of 64; lowered, not
+    below 64 KiB, so that all the engine's buffers fit in BUFFER_BUDGET = 128 MiB).
+    At most MAX_SOURCES = 256 models, base included (the engine's limit).
     Returns a summary dict (coefficients, tensors, shards, bytes, seconds, simd, threads).
     Raises MergeError (a ValueError) for invalid input, FileExistsError for an existing `out`,
     OSError naming the file for I/O failures; `out` is untouched on any failure."""
@@ -223,7 +231,7 @@ def merge_checkpoints(
     from r7b_fast._merge import Engine
 
     paths, out, out_dtype, threads, max_shard = _check_args(
-        models, out, dtype, threads, max_shard_size
+        models, out, dtype, threads, max_shard_size, chunk_bytes
     )
     everyone, base_index, w = _participants(paths, base, weights, method)
     _check_out(out, everyone, overwrite)
@@ -249,8 +257,13 @@ def merge_checkpoints(
     }
 
 
-def _check_args(models, out, dtype, threads, max_shard_size):
-    """(resolved model paths, resolved out, output dtype or None, threads, max shard bytes)."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_args(models, out, dtype, threads, max_shard_size, chunk_bytes):
+    """(resolved model paths, resolved out, output dtype or None, threads, max shard bytes);
+    a MergeError naming the argument for a bad one (bools are not numbers here)."""
     if not models:
         raise MergeError("models: need at least one model directory")
     paths = [Path(m).resolve() for m in models]
@@ -262,11 +275,17 @@ def _check_args(models, out, dtype, threads, max_shard_size):
             raise MergeError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
     if threads is None:
         threads = min(os.cpu_count() or 1, 8)
-    if not isinstance(threads, int) or threads < 1:
+    if not _is_int(threads) or threads < 1:
         raise MergeError(f"threads must be a positive integer, got {threads!r}")
+    if isinstance(max_shard_size, bool):
+        raise MergeError(
+            f"max_shard_size must be bytes or a size like '5GB', got {max_shard_size!r}"
+        )
     max_shard = parse_size(max_shard_size)
     if max_shard <= 0:
         raise MergeError("max_shard_size must be positive")
+    if not _is_int(chunk_bytes) or chunk_bytes < MIN_CHUNK:
+        raise MergeError(f"chunk_bytes must be an integer >= {MIN_CHUNK}, got {chunk_bytes!r}")
     return paths, out, out_dtype, threads, max_shard
 
 
@@ -297,7 +316,7 @@ def _write_merged(Engine, out, plan, inputs, src_dir, out_dtype, threads, n_sour
         outputs = [str(tmp / p[0]) for p in plan]
         # engine buffers: 2 * threads slots of (sources + 1) chunks, kept under BUFFER_BUDGET
         per_chunk = BUFFER_BUDGET // (2 * threads * (n_sources + 1))
-        chunk = min(chunk_bytes, max(64 << 10, per_chunk)) // 64 * 64
+        chunk = min(chunk_bytes, max(64 << 10, per_chunk)) // MIN_CHUNK * MIN_CHUNK
         engine = Engine(inputs, outputs, tasks, threads, chunk, simd)
         _run_engine(engine, progress)
         _replace(tmp, out)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_merge_helpers import read_raw, write_model, write_safetensors
+from test_merge_helpers import read_raw, reference_merge, write_model, write_safetensors
 
 from r7b_fast import _merge
-from r7b_fast.merge import ITEMSIZE, MergeError, merge_checkpoints, read_header
+from r7b_fast.merge import ITEMSIZE, MergeError, main, merge_checkpoints, read_header
 
 F4 = np.float32([1, 2, 3, 4]).tobytes()
 
@@ -151,6 +151,55 @@ def test_bad_arguments_refused(tmp_path):
     f64 = write_model(tmp_path / "f64", {"a": ("F32", np.ones(2, np.float32))})
     write_safetensors(f64 / "model.safetensors", {"a": ("F64", (2,), bytes(16))})
     _assert_refused(tmp_path, [f64, f64], "F32/F16/BF16")
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"chunk_bytes": 63}, "chunk_bytes"), ({"chunk_bytes": 0}, "chunk_bytes"),
+     ({"chunk_bytes": "2MB"}, "chunk_bytes"), ({"chunk_bytes": 64.0}, "chunk_bytes"),
+     ({"chunk_bytes": True}, "chunk_bytes"), ({"threads": True}, "threads"),
+     ({"threads": 2.0}, "threads"), ({"max_shard_size": True}, "max_shard_size")],
+)  # fmt: skip
+def test_engine_arguments_refused_before_any_directory_is_made(tmp_path, kw, match):
+    """chunk_bytes must be an int >= 64 (the engine's minimum; it is rounded down to a multiple
+    of 64, so 63 would become 0); threads / max_shard_size must not be bools."""
+    m = [write_model(tmp_path / f"m{k}", {"a": ("F32", np.ones(2, np.float32))}) for k in range(2)]
+    with pytest.raises(MergeError, match=match):
+        merge_checkpoints(m, tmp_path / "new" / "out", progress=False, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+def test_smallest_chunk_bytes_merges_exactly(tmp_path):
+    """chunk_bytes=64 (the bound) splits a 100-element tensor into 16-float chunks; integer
+    values halve exactly in fp32, so the bytes must equal numpy's (x0 + x1) / 2."""
+    x = [np.arange(100, dtype=np.float32) * (k + 1) for k in range(2)]
+    m = [write_model(tmp_path / f"m{k}", {"a": ("F32", x[k])}) for k in range(2)]
+    merge_checkpoints(m, tmp_path / "out", chunk_bytes=64, threads=2, progress=False)
+    assert read_raw(tmp_path / "out")["a"][2] == ((x[0] + x[1]) / 2).tobytes()
+
+
+def test_at_most_256_sources_base_included(tmp_path, capsys):
+    """The engine takes at most 256 sources per tensor (csrc/engine.cpp kMaxSources) and a
+    non-floating tensor reads every model, base included: 256 work, 257 are a MergeError
+    naming `models` before any directory is made (the CLI answers it with exit status 2)."""
+    m = []
+    for k in range(257):
+        m.append(write_model(tmp_path / "in" / f"m{k}", {"a": ("F32", np.float32([k, 1]))}))
+        write_safetensors(m[-1] / "model.safetensors", {
+            "a": ("F32", (2,), np.float32([k, 1]).tobytes()),
+            "i": ("I32", (2,), np.int32([7, -7]).tobytes())})  # fmt: skip
+    merge_checkpoints(m[:255], tmp_path / "ok", base=m[255], progress=False)
+    got = read_raw(tmp_path / "ok")
+    xs = [np.float32([k, 1]) for k in range(255)]  # the base's coefficient 0 drops it
+    assert got["a"][2] == reference_merge(xs, [1 / 255] * 255, "F32")
+    assert got["i"][2] == np.int32([7, -7]).tobytes()
+    for models, base in [(m, None), (m[:256], m[256]), (m[:256] + m[:1], None)]:
+        with pytest.raises(MergeError, match=r"models: at most 256 .* got 257"):
+            merge_checkpoints(models, tmp_path / "new" / "out", base=base, progress=False)
+    args = [a for p in m for a in ("--model", str(p))]
+    assert main([*args, "--out", str(tmp_path / "new" / "out")]) == 2
+    assert "models: at most 256" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "ok"]
 
 
 def test_overwrite_rules(tmp_path):
