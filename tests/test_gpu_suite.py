@@ -111,7 +111,7 @@ def test_pad_pair_batches_chosen_first():
     seen = []
     for b in batches:
         B = len(b["pair_index"])
-        assert b["input_ids"].shape[0] == 2 * B and b["input_ids"].numel() <= 256 or B == 1
+        assert b["input_ids"].shape[0] == 2 * B and (b["input_ids"].numel() <= 256 or B == 1)
         for k, pid in enumerate(b["pair_index"].tolist()):
             p, c, r = pairs[pid]
             n_c, n_r = int(b["attention_mask"][k].sum()), int(b["attention_mask"][B + k].sum())
