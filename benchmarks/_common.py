@@ -242,6 +242,13 @@ def goal_row(
     return {"metric": metric, "value": value, "goal": goal_s, "ok": ok}
 
 
+def attended_pairs(n: int, window: int | None) -> int:
+    """(query, key) pairs a causal sequence of n tokens attends, with HF's window (i - w < j <= i)."""
+    if window is None or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 def arg_parser(doc: str | None) -> argparse.ArgumentParser:
     """The benchmarks' CLI parser: the module docstring as the help text, line breaks kept."""
     return argparse.ArgumentParser(

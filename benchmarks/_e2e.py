@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import Cohere2Config
 
+from benchmarks._common import attended_pairs  # noqa: F401 (re-exported: tests use _e2e's)
 from r7b_fast.model import R7B_SHAPES, tiny_config
 
 GIB = 2**30
@@ -82,13 +83,6 @@ def plan_layers(budget_gib: float, tokens: int, reserve_gib: float = 4.0) -> dic
         "ours_loss_gib": ours_loss / GIB,
         "reserve_gib": reserve_gib,
     }
-
-
-def attended_pairs(n: int, window: int | None) -> int:
-    """(query, key) pairs a causal sequence of n tokens attends, with HF's window (i - w < j <= i)."""
-    if window is None or window >= n:
-        return n * (n + 1) // 2
-    return window * (window + 1) // 2 + (n - window) * window
 
 
 def step_flops(cfg: Cohere2Config, seq_lens: list[int], n_targets: int) -> float:

@@ -22,14 +22,21 @@ $OUT, else benchmarks/results/), with the issue's goals as summary rows.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 
 import torch
 
-from benchmarks._common import bench, env_info, goal_row, markdown_table, write_results
+from benchmarks._common import (
+    arg_parser,
+    attended_pairs,
+    bench,
+    env_info,
+    goal_row,
+    markdown_table,
+    write_results,
+)
 from r7b_fast.kernels.attention import varlen_attention
 
 GPU_SHAPES = dict(hq=32, hk=8, d=128, dtype=torch.bfloat16)
@@ -61,11 +68,6 @@ def workloads(smoke: bool) -> dict[str, tuple[list[int], int | None]]:
         "packed_16k": (lognormal_lengths(16384, 500), None),
         "window_16k": ([16384], 4096),
     }
-
-
-def attended_pairs(lens: list[int], window: int | None) -> int:
-    w = window or max(lens)
-    return sum(min(n, w) * (min(n, w) + 1) // 2 + max(n - w, 0) * w for n in lens)
 
 
 def make_inputs(lens, hq, hk, d, dtype, device, seed=0):
@@ -151,7 +153,7 @@ GOAL_PEER = {"causal_8k": "sdpa_flash", "packed_16k": "flex", "window_16k": "fle
 
 def time_one(name, impl, f, inputs, do, lens, window, shapes, device) -> list[dict]:
     """Rows for fwd and fwd+bwd of one implementation on one workload."""
-    pairs = attended_pairs(lens, window)
+    pairs = sum(attended_pairs(n, window) for n in lens)
     unit = pairs * shapes["d"] * shapes["hq"]
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     fwd = lambda: f(*inputs)
@@ -273,7 +275,7 @@ def check() -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument(
         "--check", action="store_true", help="correctness at real shapes, exit 1 on mismatch"
     )
