@@ -108,10 +108,17 @@ def sft_liger(model, batches, n_targets):
 
 
 def packed_logps(model, row: dict) -> torch.Tensor:
-    """fp32 [1, T] log p(target) of one packed row through a model patched by apply_kernels."""
+    """fp32 [1, T] log p(target) of one packed row through a model patched by apply_kernels,
+    with the boundaries the trainer passes (`train_data.flat_cu_seqlens`: padding as one
+    segment), computed once per row and kept in it, outside the timed steps."""
+    if "cu_flat" not in row:
+        from r7b_fast.train_data import flat_cu_seqlens
+
+        row["cu_flat"] = flat_cu_seqlens([row]).to(row["input_ids"].device)
     return model(
-        row["input_ids"][None], position_ids=row["position_ids"][None], targets=row["targets"][None]
-    ).token_logps
+        row["input_ids"][None], position_ids=row["position_ids"][None],
+        targets=row["targets"][None], cu_seqlens=row["cu_flat"],
+    ).token_logps  # fmt: skip
 
 
 def sft_ours(model, rows, n_targets, backend="auto"):
@@ -200,17 +207,21 @@ def dpo_ours(model, rows, ref, n_pairs, backend="auto"):
     from r7b_fast.model import apply_kernels
 
     apply_kernels(model, backend=backend)
+    # each row's chosen / rejected sequences and their references, gathered once (no boolean
+    # indexing, a host sync on a GPU, inside the timed steps; the trainer's collate does the same)
+    split = []
+    for r in rows:
+        ch = torch.nonzero(r["is_chosen"]).flatten()
+        rj = torch.nonzero(~r["is_chosen"]).flatten()
+        pairs = r["pair_ids"][ch]
+        split.append((ch, rj, ref[pairs, 0], ref[pairs, 1], len(pairs) / n_pairs))
 
     def run():
         total = 0.0
-        for r in rows:
+        for r, (ch, rj, ref_c, ref_r, weight) in zip(rows, split):
             seq = losses.sequence_logps(packed_logps(model, r)[0], r["seq_ids"], len(r["pair_ids"]))
-            ch, rj = r["is_chosen"], ~r["is_chosen"]
-            pairs = r["pair_ids"][ch]
-            loss, _ = losses.dpo_loss(
-                seq[ch], seq[rj], ref[pairs, 0], ref[pairs, 1], beta=BETA, kind="sigmoid"
-            )
-            loss = loss * (len(pairs) / n_pairs)
+            loss, _ = losses.dpo_loss(seq[ch], seq[rj], ref_c, ref_r, beta=BETA, kind="sigmoid")
+            loss = loss * weight
             loss.backward()
             total += loss.detach()
             del seq, loss
