@@ -69,7 +69,7 @@ def _inputs(N, H, V, dtype, device, seed=0, ignore_every=0):
 def _steps(h, w, t, n_seqs: int, device) -> dict:
     """name -> a callable doing one fwd+bwd from scratch (grads cleared first), or a str saying
     why the method cannot run here."""
-    from r7b_fast.kernels.linear_logprobs import linear_logprobs
+    from r7b_fast.kernels.fused_logprobs import linear_logprobs
     from r7b_fast.losses import dpo_loss, sequence_logps
 
     N = h.shape[0]
@@ -200,7 +200,7 @@ def _naive(h, w, t, *, scale, ignore_index):
 
 
 def check_one(shape, dtype, device, scale=0.25) -> dict:
-    from r7b_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_torch
+    from r7b_fast.kernels.fused_logprobs import linear_logprobs, linear_logprobs_torch
 
     N, H, V = shape
     h, w, t = _inputs(N, H, V, dtype, device, seed=1, ignore_every=7)

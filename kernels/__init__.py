@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "linear_logprobs": "r7b_fast.kernels.linear_logprobs",
-    "linear_logprobs_torch": "r7b_fast.kernels.linear_logprobs",
+    "linear_logprobs": "r7b_fast.kernels.fused_logprobs",
+    "linear_logprobs_torch": "r7b_fast.kernels.fused_logprobs",
     "varlen_attention": "r7b_fast.kernels.attention",
     "varlen_attention_torch": "r7b_fast.kernels.attention",
     "varlen_attention_reference": "r7b_fast.kernels.attention",

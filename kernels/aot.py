@@ -127,7 +127,7 @@ class AotSpec:
 
 
 # Modules whose AOT_SPECS list the configurations the GPU runs.
-KERNEL_MODULES = ("r7b_fast.kernels.linear_logprobs", "r7b_fast.kernels.attention")
+KERNEL_MODULES = ("r7b_fast.kernels.fused_logprobs", "r7b_fast.kernels.attention")
 
 
 def _compile_spec(spec: AotSpec) -> dict:

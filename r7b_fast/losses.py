@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from r7b_fast.kernels.linear_logprobs import linear_logprobs
+from r7b_fast.kernels.fused_logprobs import linear_logprobs
 
 IGNORE_INDEX = -100
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")

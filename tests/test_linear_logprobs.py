@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import r7b_fast.kernels.linear_logprobs as llp
-from r7b_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_torch
+import r7b_fast.kernels.fused_logprobs as llp
+from r7b_fast.kernels.fused_logprobs import linear_logprobs, linear_logprobs_torch
 
 pytestmark = pytest.mark.triton_interpret
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from r7b_fast.kernels.aot import HOPPER_SMEM_LIMIT, compile_in_subprocess
-from r7b_fast.kernels.linear_logprobs import AOT_SPECS
+from r7b_fast.kernels.fused_logprobs import AOT_SPECS
 
 LABELS = ("llp_fwd", "llp_dlogits", "llp_matmul_dW", "llp_matmul_dH")
 

@@ -469,7 +469,7 @@ def _aot_specs() -> list:
     divisible by 16; the specs say the same (`divisible`), or Triton would not pipeline."""
     from r7b_fast.kernels.aot import AotSpec
 
-    mod = "r7b_fast.kernels.linear_logprobs"
+    mod = "r7b_fast.kernels.fused_logprobs"
     fwd, mm = _GPU["fwd"], _GPU["mm"]
     tiles = {k: fwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}
     mm_tiles = {k: mm[k] for k in ("BLOCK_M", "BLOCK_P", "BLOCK_K", "GROUP_M")}
