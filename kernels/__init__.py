@@ -4,6 +4,8 @@ Imported lazily: `import r7b_fast.kernels` costs nothing until a kernel is used.
 
 - `linear_logprobs(hidden, weight, targets, *, scale, ignore_index, backend)`: log p(target)
   under softmax(scale * hidden @ weight.T) without materialising the logits.
+- `kernel_calls()`: a context manager counting our kernels' calls per kernel and backend (the
+  proof that a patched model or trainer ran our path).
 - `varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, window, softmax_scale, backend)`:
   packed-sequence flash attention with GQA and sliding window. Its torch twin
   (`varlen_attention_torch`) is a fast tiled path for CPUs; `varlen_attention_reference` is the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
+    "kernel_calls": "r7b_fast.kernels._backend",
     "linear_logprobs": "r7b_fast.kernels.fused_logprobs",
     "linear_logprobs_torch": "r7b_fast.kernels.fused_logprobs",
     "varlen_attention": "r7b_fast.kernels.attention",

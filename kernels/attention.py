@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import record_call, resolve_backend
 from .aot import AotSpec
 from .attention_bwd import DKDV_CONFIGS, DQ_CONFIGS, attn_bwd
 from .attention_fwd import FWD_CONFIGS, attn_fwd
@@ -270,7 +270,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if resolve_backend(backend, q, k, v) == "torch":
+    name = resolve_backend(backend, q, k, v)
+    record_call("varlen_attention", name)
+    if name == "torch":
         return _tiled(q, k, v, cu_seqlens, causal, window, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     win = 0 if window is None else int(window)

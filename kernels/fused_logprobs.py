@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-from r7b_fast.kernels._backend import interpreting, resolve_backend
+from r7b_fast.kernels._backend import interpreting, record_call, resolve_backend
 
 DLOGITS_BUDGET_BYTES = 48 << 20  # backward's dlogits chunk: 48 MiB ([8192, 3072] bf16)
 TORCH_CHUNK_ELEMENTS = 1 << 26  # the torch twin's logits chunk: 64M fp32 = 256 MiB
@@ -446,6 +446,7 @@ def linear_logprobs(
         targets outside [0, V) other than ignore_index, unsupported dtypes or mixed devices.
     """
     name = resolve_backend(backend, hidden, weight, targets)
+    record_call("linear_logprobs", name)
     if name == "torch":
         return linear_logprobs_torch(
             hidden, weight, targets, scale=scale, ignore_index=ignore_index

@@ -181,3 +181,20 @@ def test_torch_compile_fullgraph_through_custom_op():
     want = torch.autograd.grad(fn(h, w), (h, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # same kernels, same order
+
+
+def test_kernel_calls_counts_each_dispatch_per_backend():
+    """kernel_calls() sees every dispatcher call inside its block (and only those), per backend."""
+    from r7b_fast.kernels import kernel_calls, varlen_attention
+
+    h, w = torch.randn(7, 16), torch.randn(13, 16)
+    t = torch.randint(0, 13, (7,))
+    linear_logprobs(h, w, t, backend="torch")  # outside: not counted
+    with kernel_calls() as outer:
+        linear_logprobs(h, w, t, backend="torch")
+        with kernel_calls() as inner:
+            q = torch.randn(5, 2, 16)
+            cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+            varlen_attention(q, q[:, :1], q[:, :1], cu, 3, backend="torch")
+    assert dict(inner) == {"varlen_attention": 1, "varlen_attention:torch": 1}
+    assert outer["linear_logprobs:torch"] == 1 and outer["varlen_attention"] == 1
