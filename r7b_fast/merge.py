@@ -391,6 +391,26 @@ def _model_arg(s: str) -> tuple[str, float | None]:
     return s, None
 
 
+def _cli_weights(given: list[float | None]) -> list[float] | None:
+    """The CLI's weights from the `:WEIGHT` suffixes (None where a --model has none).
+
+    None given: None (merge_checkpoints' default, 1 each). All given: as given. Some given: the
+    unweighted models share what is left of 1.0 equally, so `--model a --model b:0.3` is
+    a: 0.7, b: 0.3; a MergeError when the given weights leave nothing (sum >= 1), since the
+    unweighted models would get a weight <= 0 that nobody asked for."""
+    known = [w for w in given if w is not None]
+    if not known or len(known) == len(given):
+        return known or None
+    left = 1.0 - sum(known)
+    if not left > 0:  # also catches NaN
+        raise MergeError(
+            f"the :WEIGHTs given sum to {sum(known):g}, which leaves nothing (1 - sum <= 0) for "
+            f"the {len(given) - len(known)} --model(s) without one: weight every --model"
+        )
+    share = left / (len(given) - len(known))
+    return [share if w is None else w for w in given]
+
+
 def _cli_kwargs(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     """merge_checkpoints keyword arguments from --config or from the individual flags."""
     if a.config:
@@ -401,10 +421,11 @@ def _cli_kwargs(ap: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     if not a.model:
         ap.error("give --model PATH[:WEIGHT] (repeated) or --config merge.yaml")
     pairs = [_model_arg(m) for m in a.model]
-    given = [w for _, w in pairs if w is not None]
-    if given and len(given) != len(pairs):
-        ap.error("give a :WEIGHT for every --model or for none")
-    return dict(models=[p for p, _ in pairs], weights=given or None, method=a.method or "linear",
+    try:
+        weights = _cli_weights([w for _, w in pairs])
+    except MergeError as e:
+        ap.error(str(e))
+    return dict(models=[p for p, _ in pairs], weights=weights, method=a.method or "linear",
                 base=a.base, normalize=None if a.normalize is None else a.normalize == "true",
                 dtype=a.dtype)  # fmt: skip
 
@@ -417,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", required=True, help="output directory (must not exist unless --overwrite)"
     )
-    ap.add_argument("--model", action="append", default=[], metavar="PATH[:WEIGHT]")
+    ap.add_argument("--model", action="append", default=[], metavar="PATH[:WEIGHT]",
+                    help="a model directory (repeat); models without :WEIGHT share what the given "
+                         "weights leave of 1.0 equally (all without: 1 each)")  # fmt: skip
     ap.add_argument("--method", choices=METHODS, default=None, help="default linear")
     ap.add_argument("--base", default=None, help="base model (task_arithmetic; config source)")
     ap.add_argument("--normalize", choices=("true", "false"), default=None,

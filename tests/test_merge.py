@@ -296,3 +296,34 @@ def test_mergekit_itself_agrees_within_bf16_rounding(tmp_path):
         b = from_bits(np.frombuffer(mk[name][2], np.uint16), "BF16")
         ulp = np.abs(from_bits(to_bf16_bits(a).astype(np.uint16) + 1, "BF16") - a)
         assert np.all(np.abs(a - b) <= ulp), name
+
+
+def test_cli_unweighted_models_share_what_the_weights_leave(tmp_path, capsys):
+    """The README's `--model a --model b:0.3`: a gets 1 - 0.3 = 0.7; two unweighted models split
+    what is left equally; the bytes equal the numpy reference of those coefficients."""
+    paths, values = make_models(tmp_path, 3, "BF16", seed=21)
+    out = tmp_path / "readme"
+    assert main(["--out", str(out), "--model", str(paths[0]), "--model", f"{paths[1]}:0.3"]) == 0
+    check_against_reference(out, values[:2], [_f32(0.7), _f32(0.3)], "BF16")
+    out3 = tmp_path / "three"
+    argv = ["--out", str(out3), "--model", f"{paths[0]}:0.5", "--model", str(paths[1]),
+            "--model", str(paths[2]), "--dtype", "float32"]  # fmt: skip
+    assert main(argv) == 0
+    check_against_reference(out3, values, [_f32(0.5), _f32(0.25), _f32(0.25)], "F32")
+    # all weighted and none weighted keep their meaning (as given; 1 each)
+    assert main(["--out", str(tmp_path / "none"), "--model", str(paths[0]),
+                 "--model", str(paths[1])]) == 0  # fmt: skip
+    check_against_reference(tmp_path / "none", values[:2], [0.5, 0.5], "BF16")
+
+
+@pytest.mark.parametrize("given", [["1"], ["0.6", "0.4"], ["0.7", "0.5"], ["nan"]])
+def test_cli_unweighted_model_with_nothing_left_is_refused(tmp_path, capsys, given):
+    """Weights summing to >= 1 (or NaN) leave the unweighted model a weight <= 0: exit 2, the
+    message names the sum, nothing is written."""
+    paths, _ = make_models(tmp_path, len(given) + 1, "BF16", shapes={"a": (3,)})
+    argv = ["--out", str(tmp_path / "o"), "--model", str(paths[-1])]
+    argv += [a for p, w in zip(paths, given) for a in ("--model", f"{p}:{w}")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "leaves nothing" in capsys.readouterr().err and not (tmp_path / "o").exists()
