@@ -32,6 +32,8 @@ trace a model around it without a graph break.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -383,12 +385,22 @@ def _check_inputs(hidden, weight, targets, ignore_index: int, float_dtypes=_FLOA
         )
 
 
+def _no_autocast(device: torch.device):
+    """A context with autocast off on `device`: an enclosing autocast would run the logits matmul
+    in bf16/fp16 (rounding every logit, ~0.04 absolute error in logp) although the API promises
+    fp32. The casts inside stay differentiable, so gradients reach the inputs in their dtypes."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _chunk_logps(h, w, t, scale: float, ignore_index: int):
-    logits = (h.to(w.dtype) @ w.T) * scale  # (c, V) in fp32 (fp64 for fp64 inputs)
-    lse = torch.logsumexp(logits, dim=-1)
-    valid = t != ignore_index
-    picked = logits.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, picked - lse, 0.0)
+    with _no_autocast(h.device):  # also on checkpoint's recompute, which restores autocast
+        logits = (h.to(w.dtype) @ w.T) * scale  # (c, V) in fp32 (fp64 for fp64 inputs)
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = t != ignore_index
+        picked = logits.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+        return torch.where(valid, picked - lse, 0.0)
 
 
 def linear_logprobs_torch(
@@ -403,7 +415,8 @@ def linear_logprobs_torch(
 
     Logits are computed in fp32 (float64 for float64 inputs, which only this path accepts, for
     gradcheck) one token chunk at a time (`TORCH_CHUNK_ELEMENTS` logits per chunk); under autograd
-    each chunk is recomputed in backward (activation checkpointing), so memory stays bounded."""
+    each chunk is recomputed in backward (activation checkpointing), so memory stays bounded.
+    An enclosing autocast (CPU bf16, CUDA) is switched off inside: the logits stay fp32."""
     _check_inputs(hidden, weight, targets, ignore_index, (*_FLOAT_DTYPES, torch.float64))
     targets = targets.long()
     N, V = hidden.shape[0], weight.shape[0]
@@ -417,7 +430,8 @@ def linear_logprobs_torch(
             checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
         )
     if not outs:  # N = 0: empty, but connected to both inputs so backward still works
-        return (hidden.to(w.dtype) @ w[:1].T).squeeze(1)
+        with _no_autocast(hidden.device):
+            return (hidden.to(w.dtype) @ w[:1].T).squeeze(1)
     return torch.cat(outs)
 
 
@@ -441,8 +455,10 @@ def linear_logprobs(
             when there are many: they still cost their share of the work.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton", "torch".
     Returns:
-        fp32 [N]; differentiable w.r.t. hidden and weight (gradients in their dtypes). N = 0 gives
-        an empty tensor. Raises ValueError for non-2-D inputs, a hidden/weight width mismatch,
+        fp32 [N], also under autocast (which is switched off inside: logits and log-sum-exp
+        accumulate in fp32); differentiable w.r.t. hidden and weight (gradients in their
+        dtypes; run backward outside autocast, as torch recommends: a CPU backward inside it
+        runs the torch twin's gradient matmuls in bf16). N = 0 gives an empty tensor. Raises ValueError for non-2-D inputs, a hidden/weight width mismatch,
         targets outside [0, V) other than ignore_index, unsupported dtypes or mixed devices.
     """
     name = resolve_backend(backend, hidden, weight, targets)
@@ -452,12 +468,13 @@ def linear_logprobs(
             hidden, weight, targets, scale=scale, ignore_index=ignore_index
         )
     _check_inputs(hidden, weight, targets, ignore_index)
-    if hidden.shape[0] == 0:  # empty, but connected to both inputs so backward still works
-        return (hidden.float() @ weight[:1].float().T).squeeze(1)
-    logp, _ = _llp_fwd_op(
-        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), float(scale),
-        int(ignore_index),
-    )  # fmt: skip
+    with _no_autocast(hidden.device):  # the kernels are fp32 inside; the small torch ops too
+        if hidden.shape[0] == 0:  # empty, but connected to both inputs so backward still works
+            return (hidden.float() @ weight[:1].float().T).squeeze(1)
+        logp, _ = _llp_fwd_op(
+            hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), float(scale),
+            int(ignore_index),
+        )  # fmt: skip
     return logp
 
 

@@ -198,3 +198,31 @@ def test_kernel_calls_counts_each_dispatch_per_backend():
             varlen_attention(q, q[:, :1], q[:, :1], cu, 3, backend="torch")
     assert dict(inner) == {"varlen_attention": 1, "varlen_attention:torch": 1}
     assert outer["linear_logprobs:torch"] == 1 and outer["varlen_attention"] == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_round_the_logits(backend, dtype):
+    """Under bf16 autocast (a trainer's mixed precision) the result is still fp32 logp, equal to
+    the no-autocast result of the same inputs: autocast would otherwise run the logits matmul in
+    bf16 and round every logit (relative error ~1e-2, 0.04-0.08 absolute in logp). Inputs hold
+    bf16 values (exact in either dtype), so the float64 truth is the same for both dtypes; the
+    fp32 bound 1e-6 is rounding of O(1) sums over H=48 and V=67 terms, 10^4 below the bf16 error."""
+    h, w, t, grad = _inputs(11, 48, 67, torch.bfloat16, seed=4)
+    h, w = h.to(dtype), w.to(dtype)
+    kw = dict(scale=0.9, backend=backend)
+    truth = _run(linear_logprobs_torch, h.double(), w.double(), t, grad, scale=0.9)
+    plain = _run(linear_logprobs, h, w, t, grad, **kw)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast(DEV, dtype=torch.bfloat16):  # forward only, as torch recommends
+        y = linear_logprobs(hl, wl, t, **kw)
+    (y.to(grad.dtype) * grad).sum().backward()
+    auto = y.detach(), hl.grad, wl.grad
+    assert auto[0].dtype == torch.float32
+    assert auto[1].dtype == dtype and auto[2].dtype == dtype
+    assert _rel(auto[0], truth[0]) <= 1e-6, _rel(auto[0], truth[0])
+    for name, a, p, tru in zip(("logp", "dH", "dW"), auto, plain, truth):
+        # gradients are stored in the inputs' dtype: bf16 ones carry one bf16 rounding (2^-8)
+        bound = 1e-6 if dtype == torch.float32 else 2.0**-8
+        assert _rel(a, tru) <= bound, (name, _rel(a, tru))
+        assert _rel(a, p.double()) <= 1e-6, (name, _rel(a, p.double()))
