@@ -270,17 +270,22 @@ def results_dir() -> Path:
 
 def write_results(name: str, payload: dict, table_md: str | None = None) -> list[Path]:
     """Write `<results_dir>/<name>.json` (payload plus an 'env' entry when it has none) and,
-    given a table, `<name>.md`. Returns the paths written."""
+    given a table, `<name>.md`, each atomically (a temp file renamed: a benchmark killed while
+    writing leaves the previous complete file). Returns the paths written."""
     if not name or any(c in name for c in "/\\ "):
         raise ValueError(f"write_results: name must be a plain file stem, got {name!r}")
     out = results_dir()
     payload = dict(payload)
     payload.setdefault("env", env_info())
-    paths = [out / f"{name}.json"]
-    paths[0].write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    texts = {f"{name}.json": json.dumps(payload, indent=1, default=str) + "\n"}
     if table_md is not None:
-        paths.append(out / f"{name}.md")
-        paths[1].write_text(table_md.rstrip() + "\n")
+        texts[f"{name}.md"] = table_md.rstrip() + "\n"
+    paths = []
+    for fname, text in texts.items():
+        tmp = out / f".{fname}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / fname)
+        paths.append(out / fname)
     return paths
 
 

@@ -171,9 +171,16 @@ def time_one(name, impl, f, inputs, do, lens, window, shapes, device) -> list[di
     return rows
 
 
-def bench_all(smoke: bool, budget_s: float) -> list[dict]:
+# Peers whose first call compiles (seconds to a minute per mask on a GPU): started only while at
+# least this much of the budget is left, so a compile cannot eat the time of the rows after it.
+COMPILE_RESERVE_S = {"flex": 25.0}
+
+
+def bench_all(smoke: bool, budget_s: float, flush=None) -> list[dict]:
     """Every workload x implementation x mode: ours first, then each workload's goal peer, then
-    the other peers; pairs started after `budget_s` seconds get 'skipped' rows."""
+    the other peers; pairs started after `budget_s` seconds get 'skipped' rows, and a compiled
+    peer is skipped when less than its COMPILE_RESERVE_S is left. `flush(rows)` is called after
+    every (workload, implementation) pair, so a run killed mid-way keeps what it measured."""
     cuda = torch.cuda.is_available() and not smoke
     shapes, device = (GPU_SHAPES, "cuda") if cuda else (CPU_SHAPES, "cpu")
     setups = {}
@@ -182,19 +189,25 @@ def bench_all(smoke: bool, budget_s: float) -> list[dict]:
         setups[name] = (lens, window, do, implementations(lens, window, q, k, v, cu))
     order = [(n, "ours") for n in setups] + [(n, GOAL_PEER.get(n)) for n in setups]
     order += [(n, i) for n, st in setups.items() for i in st[3] if (n, i) not in order]
+    rank = {n: i for i, n in enumerate(setups)}
     rows, t0 = [], time.perf_counter()
     for name, impl in order:
         lens, window, do, impls = setups[name]
         if impl not in impls:
             continue
-        if time.perf_counter() - t0 > budget_s:
-            skip = {"error": f"skipped: time budget {budget_s:.0f} s spent"}
-            rows += [dict(workload=name, impl=impl, mode=m, **skip) for m in ("fwd", "fwd+bwd")]
-            continue
-        f, inputs = impls[impl]
-        rows += time_one(name, impl, f, inputs, do, lens, window, shapes, device)
-    rank = {n: i for i, n in enumerate(setups)}
-    return sorted(rows, key=lambda r: rank[r["workload"]])  # stable: ours first per workload
+        left = budget_s - (time.perf_counter() - t0)
+        need = COMPILE_RESERVE_S.get(impl, 0.0) if cuda else 0.0
+        if left <= need:
+            why = f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left"
+            why += f" (compile needs ~{need:.0f} s)" if need else ""
+            rows += [dict(workload=name, impl=impl, mode=m, error=why) for m in ("fwd", "fwd+bwd")]
+        else:
+            f, inputs = impls[impl]
+            rows += time_one(name, impl, f, inputs, do, lens, window, shapes, device)
+        rows.sort(key=lambda r: rank[r["workload"]])  # stable: ours first per workload
+        if flush is not None:
+            flush(rows)
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -284,14 +297,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.check:
         return check()
-    rows = bench_all(args.smoke or not torch.cuda.is_available(), args.budget)
-    add_ratios(rows)
     cols = ["workload", "impl", "mode", "ms", "tflops", "ours_speedup", "error"]
-    table = markdown_table(rows, cols)
-    print(table)
-    payload = {"rows": rows, "summary": summary(rows)}
-    print(markdown_table(payload["summary"]))
-    write_results("attention", payload, table)
+
+    def flush(rows: list[dict], final: bool = False) -> None:
+        rows = [dict(r) for r in rows]
+        add_ratios(rows)
+        payload = {"rows": rows, "summary": summary(rows), "complete": final}
+        write_results("attention", payload, markdown_table(rows, cols))
+        if final:
+            print(markdown_table(rows, cols))
+            print(markdown_table(payload["summary"]))
+
+    rows = bench_all(args.smoke or not torch.cuda.is_available(), args.budget, flush)
+    flush(rows, final=True)
     return 0
 
 
