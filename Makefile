@@ -1,7 +1,9 @@
 # The README's two set-up commands: `make demo` and `make test`. Each creates .venv if missing
 # and installs the project into it, so either works as the only command on a fresh machine.
 # On a machine without a CUDA GPU the bootstrap installs torch==2.13.0 (CPU wheel, local disk)
-# first, so nothing downloads a multi-GB CUDA build.
+# first, so nothing downloads a multi-GB CUDA build. The extras: `train` (our trainer, pipeline,
+# gate: datasets, tensorboard, matplotlib), `trl` (the TRL/PEFT/HF Trainer integrations), `peers`
+# (what the benchmarks and tests compare against), `dev` (pytest, hypothesis, ruff).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +19,7 @@ $(STAMP): $(DEPS)
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "no CUDA GPU: installing the CPU build torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev,peers]"
+	$(PY) -m pip install -q -e ".[dev,peers,train,trl]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -13,6 +13,26 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _cmake() -> str:
+    """The cmake executable: on PATH (an isolated build puts the `cmake` build requirement's
+    script there), else the PyPI `cmake` package's own binary (a --no-build-isolation build in
+    an environment that has the package but not its script on PATH)."""
+    found = shutil.which("cmake")
+    if found is None:
+        try:
+            import cmake  # the PyPI package (pyproject's build requirement)
+
+            found = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+        except ImportError:
+            pass
+    if found is None:
+        raise RuntimeError(
+            "r7b-fast needs CMake >= 3.18 to build its C++ merge engine: `pip install cmake` "
+            "or a system cmake on PATH"
+        )
+    return found
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path):
         super().__init__(name, sources=[])
@@ -23,9 +43,7 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11
 
-        cmake = shutil.which("cmake")
-        if cmake is None:
-            raise RuntimeError("r7b-fast needs CMake >= 3.18 to build its C++ merge engine")
+        cmake = _cmake()
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / ext.name

@@ -264,11 +264,19 @@ def accuracy_table(results: Sequence[tuple[str, Mapping]], *, loss: bool = True)
     return "\n".join(lines)
 
 
+def _matplotlib():
+    """matplotlib with the Agg backend; it is the `train` extra, not a core dependency."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'r7b-fast[train]'") from e
+    matplotlib.use("Agg")
+    return matplotlib
+
+
 def plot_accuracy(results: Sequence[tuple[str, Mapping]], path: str | Path) -> Path:
     """Line plot of accuracy (y) by stage (x), one line per family (mean dashed) -> PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _matplotlib()
     import matplotlib.pyplot as plt
 
     fams = families_in(results)
@@ -310,9 +318,7 @@ def read_metrics(path: str | Path, key: str = "loss") -> tuple[list[float], list
 
 def plot_loss_curves(metrics_files: Mapping[str, str | Path], path: str | Path) -> Path | None:
     """Training loss against step for each stage's metrics.jsonl -> PNG (None if none has any)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _matplotlib()
     import matplotlib.pyplot as plt
 
     curves = {}

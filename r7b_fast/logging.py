@@ -4,7 +4,9 @@
 first, then `{"step": s, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ..., "mfu":
 ..., ...}` per logged step (DPO stages add TRL's names: `rewards/chosen`, `rewards/rejected`,
 `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`), and other events
-(`{"event": "round", ...}`, `{"event": "error", ...}`). Only rank 0 writes.
+(`{"event": "round", ...}`, `{"event": "error", ...}`). Only rank 0 writes. A resumed run
+keeps each step once: `resumed_at(step)` drops the records of the steps after the resumed
+checkpoint (an interrupted attempt's) from metrics.jsonl and purges them from TensorBoard.
 """
 
 from __future__ import annotations
@@ -111,7 +113,13 @@ class MetricsLogger:
             return
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is the `train` extra, not a core dependency
+                raise ImportError(
+                    "logging.tensorboard=true needs TensorBoard: pip install 'r7b-fast[train]' "
+                    "(or set logging.tensorboard=false)"
+                ) from e
 
             self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
         self._want_bar = progress_bar
@@ -145,6 +153,32 @@ class MetricsLogger:
         if self._bar is not None:
             shown = {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+    def resumed_at(self, step: int) -> None:
+        """The run continues after optimizer step `step` (a resumed checkpoint): drop the step
+        records after it that an interrupted attempt logged, so each step appears once in
+        metrics.jsonl (events are kept), and purge them from TensorBoard (purge_step)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill mid-write
+                continue
+            if "event" in rec or rec.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+        self._file = open(self.path, "a", buffering=1)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir, purge_step=step + 1)
 
     def scalars(self, step: int, values: dict, *, prefix: str) -> None:
         """TensorBoard-only scalars (e.g. per-round stats, which metrics.jsonl has as events)."""
