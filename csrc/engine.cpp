@@ -18,6 +18,7 @@ namespace r7b {
 constexpr size_t kMaxSources = 256;
 
 void kernel_scalar(const Block& b) { kernel_scalar_range(b, 0); }
+void gta_scalar(const GtaBlock& b) { gta_range(b, 0); }
 
 std::vector<std::string> available_simd() {
   std::vector<std::string> out{"scalar"};
@@ -62,6 +63,17 @@ static KernelFn kernel_for(const std::string& simd) {
   return kernel_scalar;
 }
 
+static GtaFn gta_for(const std::string& simd) {
+#ifdef R7B_HAVE_AVX512
+  if (simd == "avx512") return gta_avx512;
+#endif
+#ifdef R7B_HAVE_AVX2
+  if (simd == "avx2") return gta_avx2;
+#endif
+  (void)simd;
+  return gta_scalar;
+}
+
 static std::string errno_msg(const char* what, const std::string& path) {
   return std::string(what) + " '" + path + "': " + std::strerror(errno);
 }
@@ -101,6 +113,7 @@ Engine::Engine(std::vector<std::string> inputs, std::vector<std::string> outputs
   if (chunk_bytes_ < 64 || chunk_bytes_ % 4) throw std::invalid_argument("chunk_bytes must be a multiple of 4, >= 64");
   simd_ = choose_simd(simd);
   kernel_ = kernel_for(simd_);
+  gta_ = gta_for(simd_);
   for (size_t t = 0; t < tasks_.size(); ++t) {
     const Task& k = tasks_[t];
     const size_t ns = k.src_file.size();
@@ -115,6 +128,7 @@ Engine::Engine(std::vector<std::string> inputs, std::vector<std::string> outputs
     if (k.kind == kMerge && (k.in_dt < kF32 || k.in_dt > kBF16 || k.out_dt < kF32 || k.out_dt > kBF16))
       throw std::invalid_argument("task '" + k.name + "': bad dtype");
     if (ns > kMaxSources) throw std::invalid_argument("task '" + k.name + "': more than 256 sources");
+    check_method(k);
     max_src_ = std::max(max_src_, ns);
     // elements per chunk: each input buffer and the output buffer hold at most chunk_bytes
     const int64_t step = k.kind == kMerge ? chunk_bytes_ / std::max(dtype_size(k.in_dt), dtype_size(k.out_dt))
@@ -161,7 +175,10 @@ void Engine::compute_chunk(const Chunk& c, Slot& s) {
     const void* src[kMaxSources];
     for (size_t j = 0; j < ns; ++j) src[j] = s.buf.data() + j * chunk_bytes_;
     char* dst = s.buf.data() + max_src_ * chunk_bytes_;
-    kernel_(Block{src, k.coef.data(), int(ns), k.in_dt, k.out_dt, size_t(c.count), dst});
+    if (k.method == kLinear)
+      kernel_(Block{src, k.coef.data(), int(ns), k.in_dt, k.out_dt, size_t(c.count), dst});
+    else
+      compute_method(k, c, src, dst);
     out = dst;
     nbytes = c.count * dtype_size(k.out_dt);
     off = k.out_off + c.begin * dtype_size(k.out_dt);
@@ -240,6 +257,9 @@ void Engine::run() {
     if (fd < 0) throw IoError(errno_msg("cannot open output", p));
     out_fd_.push_back(fd);
   }
+  prepare();  // per-tensor statistics of TIES / DARE / SLERP tasks (engine_methods.cpp)
+  if (error_) std::rethrow_exception(error_);
+  if (abort_.load()) throw std::runtime_error("merge cancelled");
   const int nslots = 2 * threads_;
   slots_.assign(size_t(nslots), Slot{});
   free_.clear();

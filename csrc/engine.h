@@ -34,6 +34,11 @@ struct DataError : std::runtime_error {
 };
 
 enum TaskKind : int { kMerge = 0, kCopy = 1 };
+// How a kMerge task combines its sources (engine_methods.cpp has the per-tensor passes):
+// kLinear: sum_j coef[j] * x_j. kGta (TIES / DARE): source 0 is the base, coef[j] (j >= 1) the
+// expert weights; see kernels.h gta_range. kSlerp: source 0 the base, source 1 the other model,
+// interpolated row by row (`rows` rows of numel / rows elements) with per-row coefficients.
+enum Method : int { kLinear = 0, kGta = 1, kSlerp = 2 };
 
 struct Task {
   std::string name;
@@ -46,6 +51,22 @@ struct Task {
   std::vector<int64_t> src_off;
   int in_dt = kF32;
   std::vector<float> coef;
+  // kGta / kSlerp parameters (set by Python; `density`, `key` indexed like the sources).
+  int method = kLinear;
+  int sparsify = kKeepAll;  // kKeepAll | kMagnitude (TIES trim) | kRandom (DARE drop)
+  bool consensus = false;   // TIES sign election
+  bool rescale = false;     // L1-norm rescale of each sparsified task vector (mergekit)
+  bool normalize = false;
+  float divisor = 1.0f;     // kGta without consensus: the normalize divisor (sum of weights)
+  std::vector<double> density;
+  std::vector<uint64_t> key;  // DARE: per-source hash key
+  int64_t rows = 1;           // kSlerp
+  double t = 0.5;             // kSlerp
+  // Filled by Engine::prepare (one per source): magnitude threshold, tie cut index, L1 scale;
+  // kSlerp: one (coef_base, coef_other) pair per row.
+  std::vector<float> thr, scale, row_coef;
+  std::vector<int64_t> cut;
+  std::vector<double> dthr;  // DARE: keep iff draw < density * 2^24
 };
 
 // Names of the SIMD paths compiled in and supported by this CPU, best last.
@@ -53,6 +74,9 @@ std::vector<std::string> available_simd();
 // The path to use: `request` ("auto", "scalar", "avx2", "avx512"); "auto" honours the
 // R7B_MERGE_SIMD environment variable, else the best available. Throws std::invalid_argument.
 std::string choose_simd(const std::string& request);
+
+// Throws std::invalid_argument if a task's method parameters are inconsistent.
+void check_method(const Task& k);
 
 class Engine {
  public:
@@ -80,6 +104,13 @@ class Engine {
   void compute_loop();
   void read_chunk(const Chunk& c, Slot& s);
   void compute_chunk(const Chunk& c, Slot& s);
+  // Per-tensor passes of kGta / kSlerp tasks (engine_methods.cpp), before the chunk pipeline.
+  void prepare();
+  void prepare_task(Task& k, std::vector<float>& scratch);
+  void prepare_gta(Task& k, std::vector<float>& scratch);
+  void prepare_slerp(Task& k);
+  void read_floats(const Task& k, size_t j, int64_t begin, int64_t count, std::vector<char>& raw, float* dst);
+  void compute_method(const Task& k, const Chunk& c, const void* const* src, char* dst);
   void fail(const std::exception_ptr& e);
 
   std::vector<std::string> inputs_, outputs_;
@@ -91,6 +122,7 @@ class Engine {
   size_t max_src_ = 1;
   std::string simd_;
   KernelFn kernel_;
+  GtaFn gta_;
   uint64_t total_ = 0;
 
   std::atomic<uint64_t> done_{0};

@@ -17,6 +17,7 @@
 namespace r7b {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum Sparsify : int { kKeepAll = 0, kMagnitude = 1, kRandom = 2 };
 
 static inline int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
 
@@ -34,12 +35,41 @@ struct Block {
 
 using KernelFn = void (*)(const Block&);
 
+// One block of a TIES / DARE merge (Method kGta): `n` elements starting at element `first` of
+// the tensor; src[0] is the base, src[1..n_in) the experts with weights w[j]; per-expert
+// magnitude threshold thr[j] and tie cut index cut[j] (kMagnitude), DARE keep bound dthr[j] and
+// hash key key[j] (kRandom), L1 rescale factor scale[j] (when rescale).
+struct GtaBlock {
+  const void* const* src;
+  const float* w;
+  int n_in;
+  int in_dt;
+  int out_dt;
+  size_t n;
+  int64_t first;
+  void* out;
+  int sparsify;
+  bool consensus, rescale, normalize;
+  float divisor;
+  const float* thr;
+  const int64_t* cut;
+  const float* scale;
+  const double* dthr;
+  const uint64_t* key;
+};
+
+using KernelFn = void (*)(const Block&);
+using GtaFn = void (*)(const GtaBlock&);
+
 void kernel_scalar(const Block& b);
+void gta_scalar(const GtaBlock& b);
 #ifdef R7B_HAVE_AVX2
 void kernel_avx2(const Block& b);
+void gta_avx2(const GtaBlock& b);
 #endif
 #ifdef R7B_HAVE_AVX512
 void kernel_avx512(const Block& b);
+void gta_avx512(const GtaBlock& b);
 #endif
 
 static inline float bits_f32(uint32_t u) {
@@ -116,6 +146,72 @@ static inline void kernel_scalar_range(const Block& b, size_t begin) {
     float acc = b.coef[0] * load_one(b.src[0], b.in_dt, i);
     for (int j = 1; j < b.n_in; ++j) acc = std::fma(b.coef[j], load_one(b.src[j], b.in_dt, i), acc);
     store_one(b.out, b.out_dt, i, acc);
+  }
+}
+
+// ---------------------------------------------------------------- TIES / DARE (Method kGta)
+
+// splitmix64's finaliser: a bijective 64-bit mix (the DARE drop mask's hash).
+static inline uint64_t mix64(uint64_t z) {
+  z ^= z >> 30;
+  z *= 0xbf58476d1ce4e5b9ull;
+  z ^= z >> 27;
+  z *= 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// DARE's uniform draw for element `i` of a tensor: the top 24 bits of mix64(key + (i + 1) *
+// golden), an integer in [0, 2^24). The element is kept iff draw < density * 2^24. `key` comes
+// from Python (seed, tensor name, expert index): r7b_fast/merge_plan.py dare_key.
+static inline uint32_t dare_draw(uint64_t key, int64_t i) {
+  return uint32_t(mix64(key + uint64_t(i + 1) * 0x9e3779b97f4a7c15ull) >> 40);
+}
+
+// |tau| for the magnitude trim; NaN ranks above every number (as in torch's sort).
+static inline float trim_magnitude(float tau) { return tau != tau ? INFINITY : std::fabs(tau); }
+
+// Elements [begin, b.n): out = base + mixed, every step an fp32 operation in this order:
+//   tau_j = x_j - base; kept_j = keep(j, i) ? tau_j : 0; if rescale: kept_j *= scale[j];
+//   wt_j = w[j] * kept_j;
+//   consensus: S = sum_j wt_j (left to right from +0); elected sign + iff S >= 0;
+//              mixed = sum of wt_j whose sign is the elected one (zeros never count),
+//              div = sum of their w[j]; normalize: mixed /= (div == 0 ? 1 : div);
+//   otherwise: mixed = sum_j wt_j; normalize: mixed /= divisor.
+static inline void gta_range(const GtaBlock& b, size_t begin) {
+  float wt[256];
+  for (size_t i = begin; i < b.n; ++i) {
+    const int64_t gi = b.first + int64_t(i);
+    const float base = load_one(b.src[0], b.in_dt, i);
+    for (int j = 1; j < b.n_in; ++j) {
+      const float tau = load_one(b.src[j], b.in_dt, i) - base;
+      bool keep = true;
+      if (b.sparsify == kMagnitude) {
+        const float m = trim_magnitude(tau);
+        keep = m > b.thr[j] || (m == b.thr[j] && gi < b.cut[j]);
+      } else if (b.sparsify == kRandom) {
+        keep = double(dare_draw(b.key[j], gi)) < b.dthr[j];
+      }
+      float kept = keep ? tau : 0.0f;
+      if (b.rescale) kept = kept * b.scale[j];
+      wt[j] = b.w[j] * kept;
+    }
+    float mixed = 0.0f;
+    if (b.consensus) {
+      float s = 0.0f;
+      for (int j = 1; j < b.n_in; ++j) s = s + wt[j];
+      const bool up = s >= 0.0f;
+      float div = 0.0f;
+      for (int j = 1; j < b.n_in; ++j)
+        if (up ? wt[j] > 0.0f : wt[j] < 0.0f) {
+          mixed = mixed + wt[j];
+          div = div + b.w[j];
+        }
+      if (b.normalize) mixed = mixed / (div == 0.0f ? 1.0f : div);
+    } else {
+      for (int j = 1; j < b.n_in; ++j) mixed = mixed + wt[j];
+      if (b.normalize) mixed = mixed / b.divisor;
+    }
+    store_one(b.out, b.out_dt, i, base + mixed);
   }
 }
 

@@ -65,4 +65,8 @@ void kernel_avx512(const Block& b) {
   else run_in<kF32>(b);
 }
 
+// TIES / DARE: the reference loop of kernels.h compiled with this file's ISA flags (the
+// compiler vectorises what it can; the operation order, hence the bytes, is the same).
+void gta_avx512(const GtaBlock& b) { gta_range(b, 0); }
+
 }  // namespace r7b

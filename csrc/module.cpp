@@ -32,18 +32,28 @@ static py::dict build_info() {
 }
 
 // A task as Python sends it: (name, kind, out_file, out_off, out_dt, numel, src_files, src_offs,
-// in_dt, coefs).
+// in_dt, coefs), optionally followed by the method tuple (method, sparsify, consensus, rescale,
+// normalize, divisor, densities, keys, rows, t) of a TIES / DARE / SLERP merge.
 using TaskTuple = std::tuple<std::string, int, int, int64_t, int, int64_t, std::vector<int>,
                              std::vector<int64_t>, int, std::vector<float>>;
+using MethodTuple = std::tuple<int, int, bool, bool, bool, float, std::vector<double>, std::vector<uint64_t>,
+                               int64_t, double>;
 
 static Engine* make_engine(std::vector<std::string> inputs, std::vector<std::string> outputs,
-                           const std::vector<TaskTuple>& tasks, int threads, int64_t chunk_bytes,
+                           const std::vector<py::tuple>& tasks, int threads, int64_t chunk_bytes,
                            const std::string& simd) {
   std::vector<Task> ts;
   ts.reserve(tasks.size());
-  for (const auto& t : tasks) {
+  for (const auto& tup : tasks) {
+    if (tup.size() != 10 && tup.size() != 11) throw py::value_error("a task is a tuple of 10 or 11 items");
     Task k;
-    std::tie(k.name, k.kind, k.out_file, k.out_off, k.out_dt, k.numel, k.src_file, k.src_off, k.in_dt, k.coef) = t;
+    py::tuple head(10);
+    for (size_t i = 0; i < 10; ++i) head[i] = tup[i];
+    std::tie(k.name, k.kind, k.out_file, k.out_off, k.out_dt, k.numel, k.src_file, k.src_off, k.in_dt, k.coef) =
+        head.cast<TaskTuple>();
+    if (tup.size() == 11)
+      std::tie(k.method, k.sparsify, k.consensus, k.rescale, k.normalize, k.divisor, k.density, k.key, k.rows, k.t) =
+          tup[10].cast<MethodTuple>();
     ts.push_back(std::move(k));
   }
   return new Engine(std::move(inputs), std::move(outputs), std::move(ts), threads, chunk_bytes, simd);
@@ -62,6 +72,12 @@ PYBIND11_MODULE(_merge, m) {
   m.attr("BF16") = int(r7b::kBF16);
   m.attr("MERGE") = int(r7b::kMerge);
   m.attr("COPY") = int(r7b::kCopy);
+  m.attr("LINEAR") = int(r7b::kLinear);
+  m.attr("GTA") = int(r7b::kGta);
+  m.attr("SLERP") = int(r7b::kSlerp);
+  m.attr("KEEP_ALL") = int(r7b::kKeepAll);
+  m.attr("MAGNITUDE") = int(r7b::kMagnitude);
+  m.attr("RANDOM") = int(r7b::kRandom);
   py::class_<Engine>(m, "Engine")
       .def(py::init(&make_engine), py::arg("inputs"), py::arg("outputs"), py::arg("tasks"), py::arg("threads") = 2,
            py::arg("chunk_bytes") = 2 << 20, py::arg("simd") = "auto")
