@@ -1,11 +1,18 @@
-"""Backend choice shared by every kernel: Triton on CUDA or under the interpreter, torch elsewhere."""
+"""Backend choice shared by every kernel: Triton on CUDA or under the interpreter, torch elsewhere.
+
+Triton is optional: it is imported only when a Triton path runs (`triton_module`). Where it is not
+importable (macOS, Windows, a minimal venv), "auto" picks torch (warning once, with the
+ImportError), and "triton" raises ImportError quoting it.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -51,16 +58,63 @@ def record_call(kernel: str, backend: str) -> None:
         calls[f"{kernel}:{backend}"] += 1
 
 
+_UNCHECKED = object()
+_triton_error: object = _UNCHECKED  # None once triton imported; else the ImportError
+_warned_no_triton = False
+
+
+def triton_import_error() -> ImportError | None:
+    """None if `import triton` works here, else its ImportError (tried once, then cached)."""
+    global _triton_error
+    if _triton_error is _UNCHECKED:
+        try:
+            importlib.import_module("triton")
+            _triton_error = None
+        except ImportError as e:
+            _triton_error = e
+    return _triton_error  # type: ignore[return-value]
+
+
+def _no_triton_message(err: ImportError) -> str:
+    return f"triton is not importable ({type(err).__name__}: {err})"
+
+
+def triton_module(name: str):
+    """Import the Triton half of a kernel (`name`, a module that imports triton at its top); an
+    ImportError naming the missing triton, with its own message, if triton is not importable."""
+    err = triton_import_error()
+    if err is not None:
+        raise ImportError(
+            f"{name} needs triton, but {_no_triton_message(err)}; use backend='torch'"
+        ) from err
+    return importlib.import_module(name)
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """'auto' -> 'triton' when every tensor is on CUDA or the interpreter is on, else 'torch'."""
+    """'auto' -> 'triton' when every tensor is on CUDA or the interpreter is on, and triton is
+    importable (else 'torch', warning once why), else 'torch'. 'triton' raises ValueError without
+    CUDA tensors or the interpreter, ImportError (quoting triton's) if triton is not importable."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        if backend == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-            )
+    if backend == "torch":
         return backend
-    if all(t.is_cuda for t in tensors) or interpreting():
+    wants_triton = interpreting() or all(t.is_cuda for t in tensors)
+    if backend == "triton" and not wants_triton:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        )
+    if not wants_triton:
+        return "torch"
+    err = triton_import_error()
+    if err is None:
         return "triton"
+    if backend == "triton":
+        raise ImportError(f"backend='triton' but {_no_triton_message(err)}") from err
+    global _warned_no_triton
+    if not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn(
+            f"r7b_fast.kernels: backend='auto' runs the torch twins: {_no_triton_message(err)}",
+            stacklevel=3,
+        )
     return "torch"

@@ -3,9 +3,10 @@
     out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, window=4096)
 
 Triton kernels live in attention_fwd.py (forward, saves lse) and attention_bwd.py (a dK/dV
-kernel and a dQ kernel, no atomics), wrapped here as torch custom ops with a registered autograd
-(torch.compile traces through them); `varlen_attention_torch` is the plain-torch twin with the
-same signature, fast on CPU (batched SDPA over query tiles), and `varlen_attention_reference` the
+kernel and a dQ kernel, no atomics), imported only when the Triton path runs (triton is
+optional: without it this module imports and the torch path runs), wrapped here as torch custom
+ops with a registered autograd (torch.compile traces through them); `varlen_attention_torch` is
+the plain-torch twin with the same signature, fast on CPU (batched SDPA over query tiles), and `varlen_attention_reference` the
 slow per-sequence loop the tests trust; `backend="auto"` picks Triton on CUDA or under
 TRITON_INTERPRET=1, else torch.
 `AOT_SPECS`: the bf16 head-dim-128 GPU configs, for `python -m r7b_fast.kernels.aot`.
@@ -17,10 +18,8 @@ import math
 
 import torch
 
-from ._backend import record_call, resolve_backend
+from ._backend import record_call, resolve_backend, triton_module
 from .aot import AotSpec
-from .attention_bwd import DKDV_CONFIGS, DQ_CONFIGS, attn_bwd
-from .attention_fwd import FWD_CONFIGS, attn_fwd
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -206,6 +205,7 @@ def _tiled(q, k, v, cu_seqlens, causal, window, scale):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
             max_seqlen: int, causal: bool, window: int, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    attn_fwd = triton_module("r7b_fast.kernels.attention_fwd").attn_fwd  # imports triton
     return attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window if window > 0 else None, scale)
 
 
@@ -220,6 +220,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             causal: bool, window: int, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     win = window if window > 0 else None
+    attn_bwd = triton_module("r7b_fast.kernels.attention_bwd").attn_bwd  # imports triton
     return attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, win, scale)
 
 
@@ -282,6 +283,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
 def _aot_specs() -> list[AotSpec]:
     """The bf16, head-dim-128 configs the GPU runs: the three attention kernels (causal, and
     causal + window) and the small Delta = rowsum(dO * O) kernel of the backward."""
+    FWD_CONFIGS = triton_module("r7b_fast.kernels.attention_fwd").FWD_CONFIGS
+    bwd = triton_module("r7b_fast.kernels.attention_bwd")
+    DKDV_CONFIGS, DQ_CONFIGS = bwd.DKDV_CONFIGS, bwd.DQ_CONFIGS
     ptr, i32, f32 = "*bf16", "i32", "fp32"
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "LSE": "*fp32", "CU": "*i32"}
     fwd_sig |= dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
@@ -328,4 +332,12 @@ def _aot_specs() -> list[AotSpec]:
     return specs
 
 
-AOT_SPECS = _aot_specs()
+_aot_cache: list[AotSpec] = []
+
+
+def __getattr__(name: str):
+    if name == "AOT_SPECS":  # built on first use: the configs live with (and import) triton
+        if not _aot_cache:
+            _aot_cache.extend(_aot_specs())
+        return _aot_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

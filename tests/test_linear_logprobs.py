@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import r7b_fast.kernels._fused_logprobs_triton as llp_triton
 import r7b_fast.kernels.fused_logprobs as llp
 from r7b_fast.kernels.fused_logprobs import linear_logprobs, linear_logprobs_torch
 
@@ -61,7 +62,7 @@ CASES = [  # (N, H, V, dtype, scale, ignore_index): none a multiple of the inter
 @pytest.mark.parametrize("N,H,V,dtype,scale,ignore_index", CASES)
 def test_matches_float64_truth(N, H, V, dtype, scale, ignore_index, monkeypatch):
     # several backward vocab chunks (the last one ragged) and several forward vocab splits
-    monkeypatch.setattr(llp, "DLOGITS_BUDGET_BYTES", N * 4 * 64)
+    monkeypatch.setattr(llp_triton, "DLOGITS_BUDGET_BYTES", N * 4 * 64)
     h, w, t, grad = _inputs(N, H, V, dtype, ignore_index)
     kw = dict(scale=scale, ignore_index=ignore_index)
     truth = _run(linear_logprobs_torch, h.double(), w.double(), t, grad, **kw)
@@ -123,8 +124,8 @@ def test_empty_and_backend_choice(monkeypatch):
         assert y.shape == (0,) and y.dtype == torch.float32
         y.sum().backward()
         assert h.grad.shape == h.shape and (w.grad == 0).all()
-    forward, calls = llp._forward, []
-    monkeypatch.setattr(llp, "_forward", lambda *a: calls.append(a) or forward(*a))
+    forward, calls = llp_triton._forward, []
+    monkeypatch.setattr(llp_triton, "_forward", lambda *a: calls.append(a) or forward(*a))
     h, w, t, _ = _inputs(9, 16, 33, torch.float32)
     auto = linear_logprobs(h, w, t, scale=0.3)  # auto = Triton under the interpreter
     assert len(calls) == 1
