@@ -14,7 +14,11 @@ from `position_ids` itself (correct, slower). Sliding-window layers pass their w
 
 The mask function registered with `AttentionMaskInterface` returns None, so HF builds no
 [T, T] mask. Cases varlen attention does not cover (a KV cache: query and key lengths differ,
-or a padding mask) fall back to transformers' SDPA path, mask included, so `generate` still works.
+or a padding mask) fall back to transformers' SDPA path, mask included, so `generate` still works,
+and warn once per model and reason (modules switched by `use_varlen_attention`).
+q/k/v of different dtypes (autocast: the rotary embedding upcasts q/k) run in one dtype, the
+autocast dtype. Importing `r7b_fast.model` registers the name, so
+`AutoModelForCausalLM.from_config(cfg, attn_implementation="r7b_varlen")` works.
 """
 
 from __future__ import annotations
@@ -26,26 +30,35 @@ from r7b_fast.kernels.attention import varlen_attention
 NAME = "r7b_varlen"
 
 
-def packed_kwargs(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> dict:
+def packed_kwargs(
+    position_ids: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> dict:
     """Kwargs for `model(...)` / `model.model(...)` describing packed rows.
 
     position_ids: [B, T] or [T] int; a sequence starts where a row starts or where a position is
     not the previous one + 1 (so positions restarting at 0 split sequences; padding tokens at
     position 0 each become a 1-token sequence that attends to itself).
     cu_seqlens: optional int32 [S+1] boundaries over the B*T flattened tokens (e.g. the packer's,
-    with the padding as one segment) used instead of deriving them from position_ids.
+    with the padding as one segment) used instead of deriving them from position_ids (which may
+    then be None).
+    max_seqlen: optional int, the longest sequence (the packer knows it): given with cu_seqlens,
+    nothing is read from the device; else one host sync computes it.
     Returns {"cu_seq_lens_q", "cu_seq_lens_k": int32 [S+1], "max_length_q", "max_length_k": int}
-    (the names transformers uses for flash-attention kwargs). One host sync (the max length)."""
+    (the names transformers uses for flash-attention kwargs)."""
+    if cu_seqlens is not None and max_seqlen is not None:
+        _check_cu(cu_seqlens)
+        return _kwargs(cu_seqlens, int(max_seqlen))
+    if position_ids is None:
+        raise ValueError("packed_kwargs: give position_ids or cu_seqlens")
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [B, T] or [T], got {tuple(position_ids.shape)}")
     B, T = position_ids.shape
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-            raise ValueError(
-                f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-            )
+        _check_cu(cu_seqlens)
         cu = cu_seqlens
     else:
         starts = torch.ones_like(position_ids, dtype=torch.bool)
@@ -53,13 +66,42 @@ def packed_kwargs(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = 
         idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
         end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
         cu = torch.cat([idx, end]).to(torch.int32)
-    max_len = int(torch.diff(cu).max().item()) if cu.numel() > 1 else 0
-    return {
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu,
-        "max_length_q": max_len,
-        "max_length_k": max_len,
-    }
+    if max_seqlen is None:
+        max_seqlen = int(torch.diff(cu).max().item()) if cu.numel() > 1 else 0
+    return _kwargs(cu, int(max_seqlen))
+
+
+def _check_cu(cu_seqlens: torch.Tensor) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+
+
+def _kwargs(cu: torch.Tensor, max_len: int) -> dict:
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len,
+            "max_length_k": max_len}  # fmt: skip
+
+
+def _common_dtype(query, key, value) -> torch.dtype:
+    """One dtype for q/k/v: under autocast q/k can come out of the rotary embedding in fp32 (cos
+    and sin are fp32) while v is the projection's bf16; the attention matmuls would run in the
+    autocast dtype, so that is the dtype; outside autocast the lowest precision of the three."""
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) == 1:
+        return query.dtype
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
+def _warn_fallback(module, reason: str, message: str) -> None:
+    warned = getattr(module, "r7b_varlen_warned", None)
+    if warned is not None:  # set by use_varlen_attention: one set per model
+        from r7b_fast.patch import warn_once
+
+        warn_once(warned, reason, message)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
@@ -70,6 +112,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     B, Hq, S, D = query.shape
     if attention_mask is not None or key.shape[2] != S:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if attention_mask is not None:
+            _warn_fallback(module, "attention_mask",
+                           "a padded batch (attention_mask) runs SDPA with a mask, not varlen "
+                           "attention; pass position_ids and no attention_mask (padding-free, "
+                           "e.g. DataCollatorWithFlattening) to use the kernel")  # fmt: skip
+        else:
+            _warn_fallback(module, "kv_cache",
+                           "a KV cache (query and key lengths differ) runs SDPA, not varlen "
+                           "attention")  # fmt: skip
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)  # fmt: skip
@@ -85,7 +137,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
         cu, max_len = packed["cu_seq_lens_q"], packed["max_length_q"]
     elif max_len is None:
         max_len = int(torch.diff(cu).max())
-    to_tokens = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D)  # (B*S, H, D)
+    dtype = _common_dtype(query, key, value)
+    to_tokens = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D).to(dtype)
     out = varlen_attention(
         to_tokens(query), to_tokens(key), to_tokens(value), cu.to(torch.int32), int(max_len),
         causal=kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False,
@@ -115,14 +168,22 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, varlen_mask)
 
 
-def use_varlen_attention(model, *, backend: str = "auto"):
+def use_varlen_attention(model, *, backend: str = "auto", warned: set | None = None):
     """Switch `model` (any transformers model whose attention goes through AttentionInterface,
-    e.g. Cohere2ForCausalLM) to varlen attention in place; returns the model.
+    e.g. Cohere2ForCausalLM, LlamaForCausalLM) to varlen attention in place; returns the model.
 
-    backend: passed to `varlen_attention` ("auto": Triton on CUDA or under the interpreter)."""
+    backend: passed to `varlen_attention` ("auto": Triton on CUDA or under the interpreter), set
+    on every attention module (a module with q_proj and o_proj and a layer_idx).
+    warned: a set shared by the model's attention modules so a fallback to SDPA (padding mask,
+    KV cache) warns once per model and reason; None: a new set."""
     register()
     model.set_attn_implementation(NAME)
-    for m in model.modules():
-        if hasattr(m, "sliding_window") and hasattr(m, "layer_idx"):
-            m.r7b_varlen_backend = backend
+    warned = set() if warned is None else warned
+    attention = [m for m in model.modules()
+                 if hasattr(m, "q_proj") and hasattr(m, "o_proj") and hasattr(m, "layer_idx")]  # fmt: skip
+    if not attention:
+        raise ValueError(f"use_varlen_attention: no attention module in {type(model).__name__}")
+    for m in attention:
+        m.r7b_varlen_backend = backend
+        m.r7b_varlen_warned = warned
     return model

@@ -1,16 +1,22 @@
 """Build or load Cohere2 (Command R7B-architecture) models.
 
 HF transformers' `Cohere2ForCausalLM` is the source of truth for architecture and weights; this
-module only builds it, loads it, and (opt-in) patches it with our kernels.
+module only builds it, loads it, and (opt-in) patches it with our kernels (`apply_kernels`,
+re-exported from r7b_fast.patch). Importing it registers the "r7b_varlen" attention
+implementation with transformers (r7b_fast.hf_attention.register).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import Cohere2Config, Cohere2ForCausalLM
-from transformers.utils import ModelOutput
+
+from r7b_fast import hf_attention
+from r7b_fast.patch import SUPPORTED_MODEL_TYPES, TokenLogpsOutput, apply_kernels  # noqa: F401
+
+# "r7b_varlen" usable by name once this module is imported, e.g.
+# AutoModelForCausalLM.from_config(cfg, attn_implementation="r7b_varlen")
+hf_attention.register()
 
 # Special-token ids shared by the tiny config and the embedded tokenizer (r7b_fast.data.tokenizer),
 # which puts its special tokens first, in this order.
@@ -154,102 +160,3 @@ def fresh_buffers(model) -> dict[str, torch.Tensor]:
         for b in names:
             out[f"{mname}.{b}" if mname else b] = getattr(fresh, b).detach().clone()
     return out
-
-
-SUPPORTED_MODEL_TYPES = {"cohere2", "cohere", "llama", "mistral", "qwen2"}
-
-
-@dataclass
-class TokenLogpsOutput(ModelOutput):
-    """What a kernel-patched model returns for `model(..., targets=...)`."""
-
-    token_logps: torch.Tensor | None = None
-    """fp32 [B, T]: log p(targets[b, t]) under the model, 0 where targets == -100."""
-
-
-def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: str = "auto"):
-    """Opt-in patch of an HF Cohere2/Llama-style causal LM, in place; returns `model`.
-
-    attention: the model runs packed rows ([1, T] or [B, T] with `position_ids` restarting at 0
-        per sequence, `use_cache=False`) through our varlen attention kernel
-        (`r7b_fast.hf_attention.use_varlen_attention`); the per-batch packing kwargs
-        (`hf_attention.packed_kwargs(position_ids)`) are computed once per forward. Optional
-        `model(..., cu_seqlens=int32[S+1])` gives the boundaries over the flattened tokens
-        instead (e.g. `train_data.collate`'s, padding as one segment rather than one sequence
-        per pad token); ignored without the attention patch.
-    loss: `model(...)` computes log-probs with `linear_logprobs` (scaled by `logit_scale`),
-        never materialising the [tokens, vocab] logits:
-        - `model(input_ids, position_ids=..., targets=T)` with `targets` already shifted (the next
-          token or -100) returns `TokenLogpsOutput(token_logps=fp32[B, T])` — what our trainer
-          uses, so the head runs inside the root module's forward (FSDP2 gathers it there);
-        - `model(input_ids, labels=L)` (HF convention: unshifted, -100 ignored; what HF `Trainer`
-          passes) returns a CausalLMOutputWithPast with `loss` = mean NLL over the label tokens
-          (or sum / `num_items_in_batch` when given) and `logits=None`;
-        - without `targets`/`labels` the original forward runs (logits), e.g. for generation.
-    `backend` is passed to linear_logprobs ("auto", "triton", "torch").
-    """
-    import types
-
-    state = getattr(model, "_r7b_kernels", None)
-    if state is None:
-        state = {"attention": False, "loss": False, "backend": backend}
-        state["forward"] = types.MethodType(type(model).forward, model)
-        model._r7b_kernels = state
-    state["backend"] = backend
-    if attention and not state["attention"]:
-        from r7b_fast.hf_attention import use_varlen_attention
-
-        use_varlen_attention(model, backend=backend)
-        state["attention"] = True
-    state["loss"] = state["loss"] or loss
-    model.forward = types.MethodType(_patched_forward, model)
-    return model
-
-
-def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-    state = self._r7b_kernels
-    cu_seqlens = kwargs.pop("cu_seqlens", None)  # the packer's boundaries (see apply_kernels)
-    if state["attention"] and position_ids is not None and attention_mask is None:
-        from r7b_fast.hf_attention import packed_kwargs
-
-        for key, value in packed_kwargs(position_ids, cu_seqlens).items():
-            kwargs.setdefault(key, value)
-    targets, labels = kwargs.pop("targets", None), kwargs.get("labels")
-    if not state["loss"] or (targets is None and labels is None):
-        return state["forward"](input_ids, attention_mask, position_ids, **kwargs)
-    from r7b_fast import losses
-
-    if position_ids is None:
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
-            input_ids
-        )
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if targets is not None:
-        token_logps = losses.token_logps(
-            self, input_ids, position_ids, targets, backend=state["backend"], **kwargs
-        )
-        # a fresh tensor, not a view: FSDP2 hooks the root output for backward
-        return TokenLogpsOutput(token_logps=token_logps.clone())
-    return _hf_labels_loss(self, input_ids, position_ids, kwargs, state["backend"])
-
-
-def _hf_labels_loss(model, input_ids, position_ids, kwargs, backend):
-    """HF-convention loss: labels[b, t] is predicted from position t - 1 (shifted here)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from r7b_fast import losses
-
-    labels = kwargs.pop("labels")
-    num_items = kwargs.pop("num_items_in_batch", None)
-    kwargs.pop("use_cache", None)
-    kwargs.pop("logits_to_keep", None)
-    kwargs.pop("return_dict", None)
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    token_logps = losses.token_logps(
-        model, input_ids, position_ids, targets, backend=backend, **kwargs
-    )
-    count = num_items if num_items is not None else (targets != -100).sum()
-    loss = -token_logps.sum() / torch.as_tensor(count, device=token_logps.device).clamp(min=1)
-    return CausalLMOutputWithPast(loss=loss, logits=None)

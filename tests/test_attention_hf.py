@@ -89,5 +89,7 @@ def test_cached_generation_falls_back_to_sdpa(models):
     eager, ours = models
     prompt = torch.tensor([[1, 9, 30, 77, 5]])
     kw = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="KV cache") as record:
         assert torch.equal(ours.generate(prompt, **kw), eager.generate(prompt, **kw))
+    # said once per model, not once per layer or step
+    assert sum("KV cache" in str(w.message) for w in record) == 1
