@@ -1,7 +1,8 @@
 """Merge expert checkpoints (sharded safetensors): Python plans, the C++ engine moves bytes.
 
 `merge_checkpoints(models, out, ...)` and `python -m r7b_fast.merge --out DIR --model P[:W] ...`
-(or `--config merge.yaml`, mergekit's YAML for `linear` / `task_arithmetic`).
+(or `--config merge.yaml`, mergekit's YAML for `linear`, `task_arithmetic`, `ties`,
+`dare_linear`, `dare_ties`, `slerp`).
 
 What happens, in order (DESIGN.md §7):
 1. Every model directory is read: a single `model.safetensors`, or `model.safetensors.index.json`
@@ -14,6 +15,11 @@ What happens, in order (DESIGN.md §7):
    task_arithmetic: base + sum_i w_i (x_i - base) = (1 - sum w) base + sum w_i x_i, experts
    being the models other than the base (normalize defaults to False, as in mergekit).
    Sources with a coefficient of exactly 0 are not read.
+   ties / dare_linear / dare_ties / slerp (mergekit's semantics, written out in
+   `r7b_fast.merge_plan.method_plan`) are planned by `method_plan` instead: the engine first
+   makes a per-tensor pass where needed (TIES' magnitude threshold, DARE's L1 rescale, SLERP's
+   per-row angle), holding at most one fp32 copy of a tensor per thread, then streams the
+   per-element work (sign election, masked sums, rescaling, interpolation) chunk by chunk.
 4. Output shards are laid out HF-style (`model.safetensors`, or `model-0000i-of-0000N.safetensors`
    + `model.safetensors.index.json` with `metadata.total_size` when over `max_shard_size`),
    tensors sorted by name, headers padded to 8 bytes; `lm_head.weight` is dropped when the
@@ -49,7 +55,10 @@ from r7b_fast.merge_plan import (
     ENGINE_DTYPE,
     METHODS,
     NON_FLOAT,
+    WEIGHTED_SUMS,
     coefficients,
+    dare_key,
+    method_plan,
     parse_size,
     plan_shards,
 )
@@ -68,8 +77,8 @@ from r7b_fast.merge_read import (
 __all__ = [  # the public names, including those defined in merge_read / merge_plan
     "BUFFER_BUDGET", "COPIED_FILES", "DTYPE_NAMES", "ENGINE_DTYPE", "INDEX", "ITEMSIZE",
     "MAX_HEADER", "MAX_SOURCES", "METHODS", "MIN_CHUNK", "NON_FLOAT", "SINGLE", "MergeError",
-    "Tensor", "check_agree", "coefficients", "load_mergekit_yaml", "main", "merge_checkpoints",
-    "parse_size", "read_header", "read_model",
+    "Tensor", "check_agree", "coefficients", "dare_key", "load_mergekit_yaml", "main",
+    "merge_checkpoints", "method_plan", "parse_size", "read_header", "read_model",
 ]  # fmt: skip
 
 DTYPE_NAMES = {
@@ -208,13 +217,21 @@ def merge_checkpoints(
     progress=None,
     simd: str = "auto",
     chunk_bytes: int = 2 << 20,
+    density=None,
+    rescale: bool | None = None,
+    t: float | None = None,
+    seed: int = 0,
 ) -> dict:
     """Merge HF safetensors checkpoints `models` (directories) into directory `out`.
 
-    weights: one per model (default 1 each). method: "linear" | "task_arithmetic".
-    base: base model directory (required for task_arithmetic; for linear it only supplies
+    weights: one per model (default 1 each). method: "linear" | "task_arithmetic" | "ties" |
+    "dare_linear" | "dare_ties" | "slerp" (semantics: `r7b_fast.merge_plan.method_plan`).
+    base: base model directory (required except for linear; for linear it only supplies
     config/tokenizer and non-floating tensors unless also listed in `models`).
-    normalize: None = the method's mergekit default (linear True, task_arithmetic False).
+    normalize: None = the method's mergekit default (linear, ties True; others False).
+    density (ties / dare_*): the kept fraction, in (0, 1], one for all or one per model
+    (default 1). rescale (ties / dare_*): mergekit's L1 rescale (default: dare_* True, ties
+    False). t (slerp, required): in [0, 1]. seed (dare_*): the drop masks' seed (`dare_key`).
     dtype: output dtype of floating tensors ("bfloat16"/"float16"/"float32"; default: each
     tensor's input dtype). threads: engine threads (default min(cpu count, 8)).
     max_shard_size: "5GB"-style or bytes. overwrite: replace an existing `out` (never one that
@@ -235,13 +252,21 @@ def merge_checkpoints(
     )
     everyone, base_index, w = _participants(paths, base, weights, method)
     _check_out(out, everyone, overwrite)
-    terms = coefficients(method, len(everyone), w, base_index, normalize)
+    if method in WEIGHTED_SUMS:
+        mplan, terms = None, coefficients(method, len(everyone), w, base_index, normalize)
+        _no_method_params(method, density=density, rescale=rescale, t=t)
+    else:
+        if isinstance(density, (list, tuple)) and len(density) == len(paths) < len(everyone):
+            density = [*density, 1.0]  # the base, appended by _participants: unused
+        mplan = method_plan(method, len(everyone), w, base_index, normalize, density, rescale,
+                            t, seed)  # fmt: skip
+        terms = list(zip(mplan.sources, mplan.weights))
     tensors = [read_model(p) for p in everyone]
     check_agree([str(p) for p in everyone], tensors)
     src_dir = everyone[base_index if base_index is not None else 0]
     drop = _config(src_dir).get("tie_word_embeddings") is True
     lead = base_index if base_index is not None else 0
-    plan, inputs = plan_shards(tensors, terms, lead, out_dtype, drop, max_shard)
+    plan, inputs = plan_shards(tensors, terms, lead, out_dtype, drop, max_shard, mplan)
     engine = _write_merged(Engine, out, plan, inputs, src_dir, out_dtype, threads,
                            len(everyone), chunk_bytes, simd, progress)  # fmt: skip
     return {
@@ -255,6 +280,12 @@ def merge_checkpoints(
         "simd": engine.simd,
         "threads": threads,
     }
+
+
+def _no_method_params(method: str, **given) -> None:
+    for key, value in given.items():
+        if value is not None:
+            raise MergeError(f"{key} does not apply to {method}")
 
 
 def _is_int(x) -> bool:
@@ -336,11 +367,24 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def load_mergekit_yaml(path: str | os.PathLike) -> dict:
-    """mergekit's YAML (linear / task_arithmetic subset) -> merge_checkpoints keyword arguments.
+# mergekit YAML keys accepted per method: (top-level `parameters`, per-model `parameters`)
+YAML_PARAMS = {
+    "linear": ({"normalize"}, {"weight"}),
+    "task_arithmetic": ({"normalize"}, {"weight"}),
+    "ties": ({"normalize", "rescale", "density", "weight"}, {"weight", "density"}),
+    "dare_linear": ({"normalize", "rescale", "density", "weight", "seed"}, {"weight", "density"}),
+    "dare_ties": ({"normalize", "rescale", "density", "weight", "seed"}, {"weight", "density"}),
+    "slerp": ({"t"}, set()),
+}
 
-    Accepted keys: merge_method, models[].model, models[].parameters.weight, base_model, dtype,
-    parameters.normalize. Any other key is a MergeError naming it."""
+
+def load_mergekit_yaml(path: str | os.PathLike) -> dict:
+    """mergekit's YAML (the methods of YAML_PARAMS) -> merge_checkpoints keyword arguments.
+
+    Accepted keys: merge_method, models[].model, base_model, dtype, and the method's
+    `parameters` (YAML_PARAMS): top-level ones apply to every model (normalize, rescale, t, and
+    `seed`, this project's DARE seed, are top-level only); a model's own weight / density
+    override them. Any other key, or a value of the wrong type, is a MergeError naming it."""
     import yaml
 
     try:
@@ -350,35 +394,52 @@ def load_mergekit_yaml(path: str | os.PathLike) -> dict:
 
     def only(obj, allowed, where):
         if not isinstance(obj, dict):
-            raise MergeError(f"{path}: {where} must be a mapping")
-        bad = sorted(set(obj) - allowed)
+            raise MergeError(f"{path}: {where or 'the document'} must be a mapping")
+        bad = sorted(set(obj) - allowed, key=str)
         if bad:
             raise MergeError(f"{path}: unsupported key {where}.{bad[0]}".replace(": .", ": "))
 
     only(cfg, {"merge_method", "models", "base_model", "dtype", "parameters"}, "")
-    only(cfg.get("parameters") or {}, {"normalize"}, "parameters")
     method = cfg.get("merge_method")
     if method not in METHODS:
-        raise MergeError(f"{path}: merge_method must be linear or task_arithmetic, got {method!r}")
+        raise MergeError(
+            f"{path}: merge_method must be one of {', '.join(METHODS)}, got {method!r}"
+        )
+    top_keys, model_keys = YAML_PARAMS[method]
+    top = cfg.get("parameters") or {}
+    only(top, top_keys, "parameters")
     entries = cfg.get("models")
     if not isinstance(entries, list) or not entries:
         raise MergeError(f"{path}: models must be a non-empty list")
-    models, weights = [], []
+    base = cfg.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise MergeError(f"{path}: base_model must be a path")
+    models, weights, densities = [], [], []
     for i, e in enumerate(entries):
         only(e, {"model", "parameters"}, f"models[{i}]")
-        only(e.get("parameters") or {}, {"weight"}, f"models[{i}].parameters")
+        p = e.get("parameters") or {}
+        only(p, model_keys, f"models[{i}].parameters")
         if not isinstance(e.get("model"), str):
             raise MergeError(f"{path}: models[{i}].model must be a path")
-        wt = (e.get("parameters") or {}).get("weight", 1.0)
-        if isinstance(wt, bool) or not isinstance(wt, (int, float)):
-            raise MergeError(f"{path}: models[{i}].parameters.weight must be a number")
+        for key, out in (("weight", weights), ("density", densities)):
+            v = p.get(key, top.get(key, 1.0))
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise MergeError(f"{path}: models[{i}].parameters.{key} must be a number")
+            out.append(float(v))
         models.append(e["model"])
-        weights.append(float(wt))
-    norm = (cfg.get("parameters") or {}).get("normalize")
+    kw = dict(models=models, method=method, base=base, dtype=cfg.get("dtype"))
+    if method == "slerp":  # mergekit lists the base among the models; it carries no weight
+        return {**kw, "t": top.get("t")}
+    norm = top.get("normalize")
     if norm is not None and not isinstance(norm, bool):
         raise MergeError(f"{path}: parameters.normalize must be true or false")
-    return dict(models=models, weights=weights, method=method, base=cfg.get("base_model"),
-                normalize=norm, dtype=cfg.get("dtype"))  # fmt: skip
+    kw.update(weights=weights, normalize=norm)
+    if method in WEIGHTED_SUMS:
+        return kw
+    for key in ("rescale", "seed"):
+        if key in top:
+            kw[key] = top[key]
+    return {**kw, "density": densities}
 
 
 def _model_arg(s: str) -> tuple[str, float | None]:

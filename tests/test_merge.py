@@ -263,7 +263,7 @@ def test_mergekit_yaml_rejects_unknown_keys(tmp_path, capsys):
             from r7b_fast.merge import load_mergekit_yaml
 
             load_mergekit_yaml(y)
-    y = _yaml(tmp_path / "m.yaml", f"merge_method: ties\nmodels:\n  - model: {paths[0]}\n")
+    y = _yaml(tmp_path / "m.yaml", f"merge_method: breadcrumbs\nmodels:\n  - model: {paths[0]}\n")
     assert main(["--config", str(y), "--out", str(tmp_path / "o")]) == 2
     assert "merge_method" in capsys.readouterr().err and not (tmp_path / "o").exists()
 

@@ -142,7 +142,7 @@ def test_bad_arguments_refused(tmp_path):
     _assert_refused(tmp_path, m, "weights: got 1", weights=[1.0])
     _assert_refused(tmp_path, m, "sum to 0", weights=[1.0, -1.0])
     _assert_refused(tmp_path, m, "needs a base", method="task_arithmetic")
-    _assert_refused(tmp_path, m, "method must be", method="ties")
+    _assert_refused(tmp_path, m, "method must be", method="breadcrumbs")  # not implemented
     _assert_refused(tmp_path, m, "dtype must be", dtype="int8")
     _assert_refused(tmp_path, m, "threads", threads=0)
     _assert_refused(tmp_path, m, "max_shard_size", max_shard_size="lots")
