@@ -81,13 +81,19 @@ def patch(model, backend: str):
                f"apply_kernels supports {sorted(SUPPORTED_MODEL_TYPES)}")  # fmt: skip
     state = getattr(base, "_r7b_kernels", None)
     if not (state and state["attention"] and state["loss"] and state["backend"] == backend):
+        # A model TRL built itself (from a path) carries TRL's chunked LM head as its instance
+        # forward; we never call it (our head replaces it), and apply_kernels only re-wraps
+        # accelerate's wrappers, so it goes.
+        code = getattr(getattr(base.__dict__.get("forward"), "__func__", None), "__code__", None)
+        if code is not None and code.co_name == "_fused_forward" and "trl" in code.co_filename:
+            del base.__dict__["forward"]  # (functools.wraps hides it from __qualname__)
         apply_kernels(base, attention=True, loss=True, backend=backend)
     return model
 
 
 def checked_logps(model, batch) -> torch.Tensor:
     """fp32 [1, T] token log-probs of packed `batch` (input_ids, position_ids, targets,
-    cu_seqlens) from a patched `model`; raises RuntimeError if our kernels did not run (a silent
+    cu_seqlens, max_seqlen) from a patched `model`; raises RuntimeError if our kernels did not run (a silent
     fallback to another attention or head would otherwise train on the same data unnoticed)."""
     from r7b_fast.kernels import kernel_calls
 
@@ -100,6 +106,7 @@ def checked_logps(model, batch) -> torch.Tensor:
             position_ids=batch["position_ids"],
             targets=batch["targets"],
             cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],  # an int: no host sync to find it
         )
     missing = [k for k in KERNELS if calls[k] == 0]
     if missing:
@@ -125,7 +132,8 @@ class PackedPreferenceCollator:
     the row holds the P chosen sequences then the P rejected ones (TRL's [chosen; rejected]
     order). Returns int64 [1, T] `input_ids`, `position_ids` (restarting at 0 per sequence),
     `targets` (next token where it is a completion token of the same sequence, else -100),
-    `seq_ids` (sequence index of each target, -1 elsewhere), int32 [2P+1] `cu_seqlens`, int64
+    `seq_ids` (sequence index of each target, -1 elsewhere), int32 [2P+1] `cu_seqlens`, the int
+    `max_seqlen`, int64
     [2P] `completion_lengths` (completion tokens kept per sequence, TRL's length normaliser),
     and fp32 [P] `ref_chosen_logps`/`ref_rejected_logps` when the examples have them."""
 
@@ -165,6 +173,7 @@ class PackedPreferenceCollator:
             "targets": row(targets),
             "seq_ids": row(seq_ids),
             "cu_seqlens": torch.tensor(lens, dtype=torch.int32),
+            "max_seqlen": max(b - a for a, b in zip(lens, lens[1:])),
             "completion_lengths": torch.tensor(comp, dtype=torch.long),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):

@@ -110,6 +110,7 @@ class SFTTrainer(trl.SFTTrainer):
             "position_ids": inputs["position_ids"],
             "targets": common.shift_targets(labels),
             "cu_seqlens": inputs["cu_seq_lens_q"],
+            "max_seqlen": inputs["max_length_q"],
         }
         token_logps = common.checked_logps(model, batch)
         per_token = -token_logps
