@@ -86,6 +86,9 @@ class DataConfig:
     """Length of a packed row, in tokens; also the longest sequence (longer ones are skipped)."""
     shuffle: bool = True
     """Shuffle packed rows each epoch (seeded by run.seed and the epoch)."""
+    max_dropped_fraction: float = 0.1
+    """Stop before training when a data file has more than this fraction of unusable rows
+    (bad schema, too long...); the error names the file, the count per reason and the schema."""
 
 
 @dataclass
@@ -178,6 +181,11 @@ class DebugConfig:
     """Testing aid: make the loss NaN at this optimizer step (1-based); 0 = never."""
     step_sleep: float = 0.0
     """Testing aid: sleep this many seconds after each optimizer step."""
+    inf_grad_at_step: int = 0
+    """Testing aid: set one gradient element to Inf at this optimizer step (finite loss); 0 = never."""
+    stop_after_step: int = 0
+    """Testing aid: checkpoint after this optimizer step, then stop with DebugStop (a kill that
+    a resume test can reproduce exactly); 0 = never."""
 
 
 @dataclass
@@ -356,6 +364,7 @@ def validate(cfg: Config) -> None:
     if d.tokenizer not in ("auto", "embedded"):
         _check(os.path.isdir(d.tokenizer), "data.tokenizer", f"not a directory: {d.tokenizer}")
     _check(d.max_tokens >= 8, "data.max_tokens", "must be >= 8")
+    _check(0 <= d.max_dropped_fraction <= 1, "data.max_dropped_fraction", "must be in [0, 1]")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(
@@ -402,7 +411,8 @@ def _validate_rest(cfg: Config) -> None:
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(lg.every_steps >= 1, "logging.every_steps", "must be >= 1")
     _check(lg.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0")
-    _check(cfg.debug.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0")
+    for key in ("nan_at_step", "inf_grad_at_step", "stop_after_step"):
+        _check(getattr(cfg.debug, key) >= 0, f"debug.{key}", "must be >= 0")
 
 
 def check_world(cfg: Config, world_size: int) -> int:

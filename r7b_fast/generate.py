@@ -234,6 +234,7 @@ def generate(
     batch_size: int = 32,
     stop_ids: list[int] | None = None,
     prompt_keys: list[int] | None = None,
+    progress=None,
 ) -> list[list[list[int]]]:
     """Samples `num_samples` completions for each prompt.
 
@@ -245,7 +246,8 @@ def generate(
     prompt's global index when prompts are sharded over ranks.
     stop_ids: ids that end a completion (default `stop_token_ids(model, tokenizer)`).
     batch_size: rows (prompt x sample) per forward; prompts are sorted by length to cut padding.
-    An empty prompt list returns [] (under torch.distributed it still joins the other ranks'
+    progress: optional callable, called with the number of rows (prompt x sample) each finished
+    batch completed (for a progress bar). An empty prompt list returns [] (under torch.distributed it still joins the other ranks'
     forwards). Returns out[i][j] = the completion ids of sample j of prompt i, without the
     prompt, ending with the stop token that ended it (absent if max_new_tokens came first).
     """
@@ -281,6 +283,8 @@ def generate(
                 batch, _generate_batch(model, prompts, row_keys, done, opts=opts)
             ):
                 out[i][j] = comp
+            if progress is not None:
+                progress(len(batch))
     return out
 
 

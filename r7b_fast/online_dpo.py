@@ -97,6 +97,7 @@ def _sample_and_score(model, tokenizer, rows, indices, reward_fn, opts) -> list[
         batch_size=opts["batch_size"],
         stop_ids=opts["stop_ids"],
         prompt_keys=indices,
+        progress=opts["progress"],
     )
     texts = [[decode_completion(tokenizer, c) for c in per] for per in comps]
     flat_rows = [r for r in rows for _ in range(k)]
@@ -125,6 +126,7 @@ def _stats(results: list[dict], pairs: list, tied: list[bool]) -> dict[str, floa
         "reward_std": math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards)),
         "reward_best_mean": sum(max(r["rewards"]) for r in results) / len(results),
         "num_prompts": float(len(results)),
+        "num_samples": float(len(rewards)),
         "num_pairs": float(len(made)),
         "num_tied": float(sum(tied)),
         "frac_tied": sum(tied) / len(tied),
@@ -149,6 +151,7 @@ def build_pairs(
     min_margin: float = 0.0,
     missing_eos_penalty: float | None = None,
     stop_ids: list[int] | None = None,
+    progress=None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Samples k answers per prompt from `model` (the current policy), scores them with
     `reward_fn`, and returns (preference_rows, stats).
@@ -162,15 +165,17 @@ def build_pairs(
     missing_eos_penalty: subtracted from the score of a sample that hit max_new_tokens without
         its end-of-turn token, for choosing best/worst only (stats report the raw reward).
     stop_ids: the ids that end an answer (default `generate.stop_token_ids(model, tokenizer)`).
+    progress: optional callable given the number of this rank's samples each generation batch
+        finished (`generate`'s progress hook).
 
     preference_rows: in prompt order, one per non-tied prompt, TRL conversational schema as
         `chat.render_preference` accepts: `prompt` (messages), `chosen`/`rejected`
         ([{"role": "assistant", "content": text}]), the prompt row's metadata (family, answer,
         ...) and `chosen_reward`/`rejected_reward` (the scores that chose them).
     stats (floats): reward_mean / reward_std over all samples, reward_best_mean (mean over
-        prompts of the best sample), num_prompts, num_pairs, num_tied, frac_tied, margin_mean
-        (best - worst over the pairs), frac_truncated (samples without a stop token),
-        completion_len_mean (tokens, stop token included).
+        prompts of the best sample), num_prompts, num_samples (prompts x k), num_pairs,
+        num_tied, frac_tied, margin_mean (best - worst over the pairs), frac_truncated (samples
+        without a stop token), completion_len_mean (tokens, stop token included).
     """
     if not prompt_rows:
         raise ValueError("build_pairs: prompt_rows is empty")
@@ -184,7 +189,7 @@ def build_pairs(
     rank, world = _dist_world()
     indices = list(range(rank, len(prompt_rows), world))
     opts = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, batch_size=batch_size,
+                seed=seed, batch_size=batch_size, progress=progress,
                 stop_ids=list(stop_ids or stop_token_ids(model, tokenizer)))  # fmt: skip
     mine = _sample_and_score(model, tokenizer, [prompt_rows[i] for i in indices], indices,
                              reward_fn, opts)  # fmt: skip

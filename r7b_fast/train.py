@@ -9,8 +9,9 @@ packed preference rows carrying precomputed reference log-probs) and its loss (`
 (r7b_fast.online_dpo), reference log-probs, `train_steps`.
 
 Exact averaging: each optimizer step's loss is a sum over every micro-batch on every rank
-divided by the step's GLOBAL count (target tokens for SFT, pairs for DPO), counted before the
-first forward; gradient accumulation and any world size therefore give the same update.
+divided by the step's GLOBAL count (target tokens for SFT, pairs for DPO, and chosen target
+tokens for DPO's optional SFT term), counted before the first forward; gradient accumulation
+and any world size therefore give the same update.
 
 Run directory (`run.output_dir`), the contract with the pipeline:
     config.yaml     resolved config          metrics.jsonl   start event, per-step metrics
@@ -51,6 +52,15 @@ class NonFiniteError(RuntimeError):
     """A NaN/Inf loss or gradient norm: the run stops without stepping or checkpointing."""
 
 
+class NoPairsError(RuntimeError):
+    """online_dpo: every round's samples tied (no preference pair): nothing was trained."""
+
+
+class DebugStop(RuntimeError):
+    """debug.stop_after_step: the run stopped on purpose after that step's checkpoint (a
+    deterministic stand-in for a kill, for resume tests)."""
+
+
 @dataclass
 class Session:
     """What the loop works with (plain data; the behaviour lives in the functions below)."""
@@ -72,6 +82,9 @@ class Session:
     """Peak FLOP/s per device (None: no MFU)."""
     tokens: float = 0.0
     """Real (non-padding) tokens trained so far, all ranks."""
+    trained_steps: int | None = None
+    """Optimizer steps that actually trained (online_dpo skips rounds without pairs); None =
+    every step of the stage."""
 
 
 # ----------------------------------------------------------------------------- stage losses
@@ -94,12 +107,18 @@ def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
 
 
 def dpo_count(batch: dict) -> torch.Tensor:
-    """Normalizer units in a micro-batch for DPO: preference pairs."""
-    return torch.as_tensor(batch["chosen_index"].numel(), device=batch["input_ids"].device)
+    """Normalizer units in a micro-batch for DPO: [preference pairs, chosen target tokens] (the
+    DPO term is a mean over the step's pairs, the SFT term a mean over its chosen tokens)."""
+    pairs = batch["chosen_index"].numel()
+    chosen_tokens = batch["seq_target_tokens"][batch["chosen_index"]].sum()
+    return torch.stack([torch.as_tensor(pairs, device=chosen_tokens.device), chosen_tokens])
 
 
 def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
-    """losses.dpo_loss on this micro-batch's pairs, weighted by pairs / denom; TRL metrics as sums."""
+    """losses.dpo_loss on this micro-batch's pairs weighted by pairs / denom[0] (the step's global
+    pair count), plus dpo.sft_weight x -sum(chosen log-probs) / denom[1] (the step's GLOBAL
+    chosen-token count, so the SFT term, like sft_loss, does not depend on how the step's pairs
+    are split over micro-batches and ranks); TRL metrics as sums over pairs."""
     from r7b_fast import losses
 
     token_logps = model(
@@ -120,11 +139,12 @@ def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
         label_smoothing=cfg.dpo.label_smoothing,
         chosen_lengths=lengths[chosen],
         rejected_lengths=lengths[rejected],
-        sft_weight=cfg.dpo.sft_weight,
-        chosen_token_count=lengths[chosen].sum(),
     )
     n = chosen.numel()
-    return loss * n / denom, {k: v.detach().float() * n for k, v in metrics.items()}
+    loss = loss * n / denom[0]
+    if cfg.dpo.sft_weight:
+        loss = loss - cfg.dpo.sft_weight * seq_logps[chosen].float().sum() / denom[1]
+    return loss, {k: v.detach().float() * n for k, v in metrics.items()}
 
 
 STAGE_LOSS = {"sft": (sft_count, sft_loss), "dpo": (dpo_count, dpo_loss)}
@@ -225,14 +245,18 @@ def train_steps(
         t0 = time.perf_counter()
         micro = [collate([next(it) for _ in range(cfg.optim.micro_batch)], dist.device)
                  for _ in range(s.accum)]  # fmt: skip
+        # one all-reduce of the step's global normalizer(s), before the first forward
         denom = (
             distributed.all_reduce_sum(
-                torch.stack([count_fn(b) for b in micro]).sum().double(), dist
+                torch.stack([count_fn(b) for b in micro]).sum(0).double(), dist
             )
             .clamp(min=1)
             .float()
         )
         loss_sum, metric_sums = accumulate_gradients(s, micro, denom, loss_fn, step)
+        if cfg.debug.inf_grad_at_step == step:  # a finite loss with an Inf gradient
+            g = next(p for p in model.parameters() if p.grad is not None).grad
+            (g.to_local() if hasattr(g, "to_local") else g).view(-1)[:1].fill_(math.inf)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         loss = distributed.all_reduce_sum(loss_sum, dist)
         check_finite(s, step, loss, grad_norm)
@@ -248,13 +272,15 @@ def train_steps(
         s.tokens += tokens
         metrics = step_metrics(s, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
         for k, v in metric_sums.items():
-            metrics[k] = (distributed.all_reduce_sum(v, dist) / denom).item()
+            metrics[k] = (distributed.all_reduce_sum(v, dist) / denom.reshape(-1)[0]).item()
         if step % cfg.logging.every_steps == 0 or step == last:
             s.logger.log(step, metrics)
         s.logger.advance()
-        every = cfg.checkpoint.every_steps
-        if (every and step % every == 0) or step == last:
+        every, stop = cfg.checkpoint.every_steps, cfg.debug.stop_after_step
+        if (every and step % every == 0) or step == last or step == stop:
             save_checkpoint(s, step, it, {**(extra_state or {}), "metrics": metrics})
+        if step == stop:
+            raise DebugStop(f"debug.stop_after_step={stop}: stopped after its checkpoint")
     return metrics
 
 
@@ -356,19 +382,29 @@ def run_online(s: Session, prompts: list[dict], resume_state: dict | None) -> di
     done = resume_state["step"] if resume_state else 0
     s.logger.start_bar(per_round * rounds, done, "online_dpo")
     metrics = resume_state.get("metrics", {}) if resume_state else {}
+    empty = list(resume_state.get("empty_rounds", [])) if resume_state else []
     for r in range(done // per_round, rounds):
         rows = online_round_rows(s, prompts, r)
         first, last = r * per_round + 1, (r + 1) * per_round
         if rows is None:  # every prompt tied (or no pair fits): nothing to learn this round
-            s.logger.message(f"online round {r}: no pairs; skipping its {per_round} steps")
+            empty.append(r)
             for _ in range(per_round):
                 s.scheduler.step()
-            save_checkpoint(s, last, None, {"round": r})
+            s.logger.advance(per_round)
+            save_checkpoint(s, last, None, {"round": r, "empty_rounds": empty, "metrics": metrics})
             continue
         mid_round = resume_state is not None and done >= first
         data_state = resume_state["data"] if mid_round else None
         metrics = train_steps(s, rows, max(first, done + 1), last, data_state=data_state,
-                              extra_state={"round": r})  # fmt: skip
+                              extra_state={"round": r, "empty_rounds": empty})  # fmt: skip
+    s.trained_steps = per_round * (rounds - len(empty))
+    if len(empty) == rounds:
+        raise NoPairsError(
+            f"online_dpo: all {rounds} round(s) produced no preference pair (every prompt's "
+            "samples tied, see the 'round' events in metrics.jsonl): nothing was trained and no "
+            "export was written. Raise online.temperature / online.num_samples, use prompts the "
+            "policy sometimes solves, or a denser online.reward."
+        )
     return metrics
 
 
@@ -472,6 +508,7 @@ def run(cfg: Config) -> dict:
                 dtype=export_dtype,
                 max_shard_size=cfg.checkpoint.hf_max_shard_size,
             )
+        total = total if s.trained_steps is None else s.trained_steps  # steps that trained
         write_done(s, metrics, total, time.time() - t0)
         logger.event("done", steps=total, tokens=s.tokens, seconds=time.time() - t0)
         # every rank finishes its last collective before any tears the process group down (a
@@ -528,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"r7b_fast.train: {e}", file=sys.stderr)
         return 3
+    except NoPairsError as e:
+        print(f"r7b_fast.train: {e}", file=sys.stderr)
+        return 5
     except torch.OutOfMemoryError:
         print(f"r7b_fast.train: {oom_message(cfg)}", file=sys.stderr)
         return 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -44,12 +45,17 @@ def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger
     the list of prompt rows (dicts with `prompt` + task metadata)."""
     from r7b_fast.data.chat import render_preference, render_sft
     from r7b_fast.data.packing import pack_preference, pack_sft
-    from r7b_fast.data.sources import load_rows
 
     stage, max_tokens = cfg.run.stage, cfg.data.max_tokens
     files = dataset_files(cfg, out, dist)
     kw = {"tokenizer": tokenizer, "max_len": max_tokens} if stage != "online_dpo" else {}
-    rows, counts = load_rows(files, SOURCE_KIND[stage], **kw)
+    rows, counts = [], {}
+    for label, path in zip(file_labels(cfg), files):
+        got, c = load_checked(cfg, label, path, SOURCE_KIND[stage], kw)
+        rows += got
+        counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+    if stage == "online_dpo" and cfg.online.reward == "verifier":
+        check_verifier_rows(cfg, rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if stage == "sft":
         packed = pack_sft([render_sft(tokenizer, r["messages"]) for r in rows], max_tokens,
@@ -68,6 +74,55 @@ def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger
         raise ConfigError(f"data.train: {len(packed)} packed rows cannot feed {dist.world_size} "
                           "processes")  # fmt: skip
     return packed
+
+
+def file_labels(cfg: Config) -> list[str]:
+    """The config key each data file comes from (for error messages)."""
+    if cfg.data.train:
+        return [f"data.train[{i}]" for i in range(len(cfg.data.train))]
+    return [f"data.synthetic_families[{i}]" for i in range(len(cfg.data.synthetic_families))]
+
+
+def load_checked(cfg: Config, label: str, path: str, kind: str, kw: dict):
+    """load_rows on one file; ConfigError (naming the key, the file, the unusable rows per reason
+    and the expected schema) when it cannot be read or drops more than
+    data.max_dropped_fraction of its rows (any row: the run would silently train on less)."""
+    from r7b_fast.data.sources import describe, load_rows
+
+    try:
+        rows, counts = load_rows(path, kind, allow_empty=True, **kw)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{label} {path}: cannot read: {e}") from None
+    total, bad = counts["total"], counts["total"] - counts["kept"]
+    limit = cfg.data.max_dropped_fraction
+    if total == 0 or not rows or bad > limit * total:
+        raise ConfigError(
+            f"{label} {path}: {bad} of {total} rows unusable for {cfg.run.stage}: "
+            f"{describe(counts, kind, kw.get('max_len'))}"
+            + ("" if not rows else f"; more than data.max_dropped_fraction={limit} of the rows")
+        )
+    return rows, counts
+
+
+def check_verifier_rows(cfg: Config, rows: list[dict]) -> None:
+    """online.reward=verifier scores answers against each prompt row's task metadata: refuse
+    (before the model loads and sampling starts) rows that lack it."""
+    from r7b_fast.data.synthetic import check_task
+
+    bad = []
+    for i, row in enumerate(rows):
+        try:
+            check_task(row)
+        except ValueError as e:
+            bad.append((i, str(e)))
+    if bad:
+        i, why = bad[0]
+        raise ConfigError(
+            f"online.reward: the verifier needs each prompt row's task metadata (`family` and "
+            f"`answer`, as r7b_fast.data.synthetic writes them): {len(bad)} of {len(rows)} "
+            f"prompt rows lack it (first: row {i}: {why}); use a `module:function` or "
+            "reward-model online.reward for data without it"
+        )
 
 
 def pack_pairs(cfg: Config, tokenizer, pairs: list[dict]) -> PackedDataset:
@@ -158,6 +213,32 @@ class WithReference:
         return {**self.packed.row(i), "ref_logps": self.ref[i]}
 
 
+class Progress:
+    """Progress of a pass that is not optimizer steps (reference log-probs, sampling): a tqdm
+    bar on rank 0 when logging.progress_bar, and always one closing log line with the count
+    and the time (so logs without a bar still show what the pause was)."""
+
+    def __init__(self, s, total: int, desc: str, unit: str):
+        self.s, self.total, self.desc, self.unit = s, total, desc, unit
+        self.t0, self.done, self.bar = time.perf_counter(), 0, None
+        if s.dist.is_main and s.cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        sec = time.perf_counter() - self.t0
+        self.s.logger.message(f"{self.desc}: {self.done} of {self.total} {self.unit} in "
+                              f"{sec:.1f} s")  # fmt: skip
+
+
 @torch.no_grad()
 def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
     """Sequence log-probs of every packed row under the current model (eval mode, no grad);
@@ -169,6 +250,7 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
     model.eval()
     n, world = len(packed), dist.world_size
     mine: dict[int, torch.Tensor] = {}
+    progress = Progress(s, n, "reference log-probs", "rows")
     for k in range(-(-n // world)):  # every rank runs the same number of forwards (FSDP)
         i = min(k * world + dist.rank, n - 1)
         batch = collate([packed.row(i)], dist.device)
@@ -178,6 +260,8 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
         seq = losses.sequence_logps(out.token_logps[0].float(), batch["seq_ids"][0],
                                     batch["num_seqs"])  # fmt: skip
         mine[i] = seq.cpu()
+        progress(min(world, n - k * world))  # rows done by all ranks at this forward
+    progress.close()
     model.train(was_training)
     if not dist.distributed:
         return [mine[i] for i in range(n)]
@@ -218,6 +302,21 @@ def round_prompts(cfg: Config, prompts: list[dict], r: int) -> list[dict]:
     return [prompts[order[(r * k + j) % n]] for j in range(k)]
 
 
+def warn_no_pairs(s, r: int, stats: dict, pairs: int) -> None:
+    """A round that trains nothing: a loud line and a `no_pairs` event with the round's stats."""
+    why = ("every prompt's samples tied" if pairs == 0 else
+           f"its {pairs} pair(s) did not fit data.max_tokens / the world size")  # fmt: skip
+    s.logger.event("no_pairs", round=r, prompts=int(stats["num_prompts"]),
+                   samples=int(stats["num_samples"]), ties=int(stats["num_tied"]),
+                   reward_rate=stats["reward_mean"], pairs=pairs)  # fmt: skip
+    s.logger.message(
+        f"WARNING: online round {r}: no preference pairs ({why}: {int(stats['num_tied'])} of "
+        f"{int(stats['num_prompts'])} prompts tied over {int(stats['num_samples'])} samples, "
+        f"mean reward {stats['reward_mean']:.3f}); its {s.cfg.optim.max_steps} steps are "
+        "skipped (the learning-rate schedule still advances)"
+    )
+
+
 def online_round_rows(s, prompts: list[dict], r: int):
     """Round r's training rows (WithReference), or None when it produced no usable pair.
 
@@ -235,10 +334,14 @@ def online_round_rows(s, prompts: list[dict], r: int):
     o = cfg.online
     was_training = s.model.training
     s.model.eval()
+    mine = len(range(s.dist.rank, o.prompts_per_round, s.dist.world_size)) * o.num_samples
+    progress = Progress(s, mine, f"online round {r}: sampling", "samples")
     with autocast(s):
         pairs, stats = build_pairs(s.model, s.tokenizer, round_prompts(cfg, prompts, r),
                                    o.reward, k=o.num_samples, max_new_tokens=o.max_new_tokens,
-                                   temperature=o.temperature, seed=cfg.run.seed * 1000 + r)  # fmt: skip
+                                   temperature=o.temperature, seed=cfg.run.seed * 1000 + r,
+                                   progress=progress)  # fmt: skip
+    progress.close()
     s.model.train(was_training)
     packed = pack_pairs(cfg, s.tokenizer, pairs) if pairs else None
     if packed is not None and len(packed) < s.dist.world_size:
@@ -247,6 +350,8 @@ def online_round_rows(s, prompts: list[dict], r: int):
     s.logger.event("round", round=r, prompts=int(stats["num_prompts"]),
                    pairs=len(pairs), skipped_ties=int(stats["num_tied"]), **stats)  # fmt: skip
     s.logger.scalars(r, stats, prefix="online")
+    if packed is None:
+        warn_no_pairs(s, r, stats, len(pairs))
     if s.dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

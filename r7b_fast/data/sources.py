@@ -7,7 +7,8 @@ line, so its bad rows are counted instead of failing the whole file.
 
 Schemas (as TRL uses them):
 - `kind="sft"`: `messages` = list of `{"role": "system"|"user"|"assistant", "content": str}`
-  with at least one assistant turn.
+  with at least one assistant turn. A ShareGPT row (`conversations` = list of `{"from":
+  "human"|"gpt"|"system", "value": str}`, no `messages`) is converted to that schema.
 - `kind="preference"`: `prompt`, `chosen`, `rejected`, either three strings, or a prompt
   conversation plus `chosen`/`rejected` conversations holding the assistant answer. TRL's
   "implicit prompt" rows (only `chosen`/`rejected` full conversations) are split at their
@@ -44,6 +45,15 @@ REASONS = (
     "too_long",
 )
 KINDS = ("sft", "preference", "prompt")
+EXPECTED = {
+    "sft": "'messages': [{role: system|user|assistant, content: str}, ...] with an assistant "
+    "turn (ShareGPT 'conversations': [{from: human|gpt|system, value: str}, ...] is converted)",
+    "preference": "'prompt', 'chosen', 'rejected': three strings, or a 'prompt' conversation "
+    "plus 'chosen'/'rejected' assistant conversations (TRL's implicit-prompt rows too)",
+    "prompt": "'prompt': a string or a conversation [{role, content}, ...] (+ task metadata)",
+}
+"""The schema each kind expects, in words (for error messages)."""
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 class _Bad(Exception):
@@ -211,10 +221,27 @@ def validate_row(row, kind: str = "sft", *, tokenizer=None, max_len: int | None 
         raise ValueError(bad.reason) from None
 
 
+def _from_sharegpt(row: dict) -> dict:
+    """A ShareGPT row (`conversations` of from/value) as a `messages` row; other rows as given."""
+    conv = row.get("conversations")
+    if row.get("messages") is not None or not isinstance(conv, list):
+        return row
+    msgs = []
+    for m in conv:
+        if not isinstance(m, dict) or m.get("from") is None or m.get("value") is None:
+            raise _Bad("missing_field")
+        if m["from"] not in SHAREGPT_ROLES:
+            raise _Bad("bad_role")
+        msgs.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+    out = {k: v for k, v in row.items() if k != "conversations"}
+    return {**out, "messages": msgs}
+
+
 def _validate(row, kind, tokenizer, max_len):
     if not isinstance(row, dict):
         raise _Bad("unparseable")
     if kind == "sft":
+        row = _from_sharegpt(row)
         row = {**row, "messages": _check_conversation(row.get("messages"), need_assistant=True)}
     elif kind == "preference":
         row = _check_preference(row)
@@ -232,6 +259,7 @@ def load_rows(
     tokenizer=None,
     max_len: int | None = None,
     split: str = "train",
+    allow_empty: bool = False,
 ) -> tuple[list[dict], dict[str, int]]:
     """Load and validate rows: `(valid rows, counts)`.
 
@@ -239,7 +267,7 @@ def load_rows(
     or "prompt" (see the module docstring). With `tokenizer` and `max_len`, rows whose
     rendering is longer than `max_len` are skipped as `too_long`. `counts` has `total`, `kept`
     and one entry per reason in `REASONS` (0 when none). Raises ValueError when no row is
-    valid (the message carries the counts).
+    valid (the message carries the counts), unless `allow_empty` (the caller reports it).
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -260,6 +288,25 @@ def load_rows(
         log.warning("%s; skipped %s", msg, skipped)
     else:
         log.info(msg)
-    if not rows:
-        raise ValueError(f"no valid {kind} rows in {path_or_paths}: {counts}")
+    if not rows and not allow_empty:
+        raise ValueError(
+            f"no valid {kind} rows in {path_or_paths}: {counts}; {describe(counts, kind)}"
+        )
     return rows, counts
+
+
+def describe(counts: dict[str, int], kind: str, max_len: int | None = None) -> str:
+    """The skipped rows per reason in words, and the expected schema, e.g. "32 missing field
+    'messages' or a message's role/content (expected 'messages': ...)"."""
+    main = {"sft": "'messages'", "preference": "'prompt'/'chosen'/'rejected'", "prompt": "'prompt'"}
+    words = {
+        "unparseable": "not a JSON object",
+        "missing_field": f"missing field {main[kind]} (or a message's role/content)",
+        "wrong_type": "a field of the wrong type",
+        "bad_role": "a role outside system/user/assistant",
+        "empty_turn": "an empty conversation or turn",
+        "no_assistant_turn": "no assistant turn",
+        "too_long": "too long" + (f" (> {max_len} tokens)" if max_len else ""),
+    }
+    parts = [f"{counts[r]} {words[r]}" for r in REASONS if counts.get(r)]
+    return f"{', '.join(parts) or 'none skipped'} (expected {EXPECTED[kind]})"

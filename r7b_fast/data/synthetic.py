@@ -226,6 +226,12 @@ def _task_fields(task) -> tuple[str, str]:
     return str(family), answer
 
 
+def check_task(task) -> None:
+    """Raise ValueError (saying why) when `task` lacks what `verify` needs: a `family` and an
+    `answer` string holding numbers (for checking prompt rows before any sampling)."""
+    _task_fields(task)
+
+
 def verify(task, text: str) -> float:
     """Reward in [0, 1]: 1.0 iff `text` gives the task's answer, else 0.0.
 

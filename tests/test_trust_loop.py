@@ -1,0 +1,109 @@
+"""The trainer's step arithmetic and resume, each checked against an independent run of the same
+rows (in process, CPU, tiny model): accumulation == one micro-batch (SFT, and DPO with its SFT
+term), an Inf gradient with a finite loss stops before the optimizer step, and a run stopped
+after step k then resumed equals an uninterrupted one bit for bit (weights, lr, data order)."""
+
+import json
+
+import pytest
+import torch
+from _train_helpers import COMMON, events, metrics, one_thread  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+from r7b_fast import checkpoint, train
+from r7b_fast.config import load_config
+from r7b_fast.distributed import Dist
+from r7b_fast.optim import build_optimizer
+
+FAST = [*COMMON, "logging.tensorboard=false", "checkpoint.every_steps=0"]
+SFT = ["data.synthetic_families=[digits_ar,count_ar]", "data.synthetic_train=16",
+       "optim.lr=1e-2", "optim.warmup_steps=1"]  # fmt: skip
+DPO = ["data.synthetic_families=[count_ar,digits_ar]", "data.synthetic_train=12",
+       "optim.lr=1e-2", "optim.warmup_steps=1", "dpo.sft_weight=1.0", "dpo.beta=0.5"]  # fmt: skip
+
+
+def run(out, name, *overrides):
+    train.run(load_config(name, [*FAST, f"run.output_dir={out}", *overrides]))
+    return out
+
+
+def hf(out) -> dict:
+    return load_file(str(out / "hf" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("stage,extra", [("sft_tiny", SFT), ("dpo_tiny", DPO)])
+def test_accumulated_step_equals_one_micro_batch(tmp_path, stage, extra):
+    """global_batch 2 as 2 micro-batches of 1 row vs 1 micro-batch of the same 2 rows: the loss
+    is normalised by the step's global count (tokens; pairs and chosen tokens for DPO's SFT
+    term), so the updates agree up to fp32 summation order. Adam moves every weight by ~lr per
+    step whatever its gradient's scale, so the weights are compared to 1e-3 x lr = 1e-5
+    absolute (measured: <= 5.3e-7 SFT, <= 1.6e-6 DPO, from near-zero gradient elements whose
+    Adam-normalised update amplifies rounding; element-wise relative error is meaningless for
+    weights crossing zero). A per-micro-batch normaliser (a mean of means) weights the rows
+    differently: its updates differ by a fraction of lr and fail."""
+    common = [*extra, "optim.max_steps=2", "optim.global_batch=2"]
+    acc = run(tmp_path / "acc", stage, *common, "optim.micro_batch=1")
+    one = run(tmp_path / "one", stage, *common, "optim.micro_batch=2")
+    ra, ro = metrics(acc), metrics(one)
+    assert [r["tokens"] for r in ra] == [r["tokens"] for r in ro]  # the same rows per step
+    for a, b in zip(ra, ro):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert_same_weights(hf(one), hf(acc), atol=1e-5)
+
+
+def test_inf_gradient_with_finite_loss_stops_before_step(tmp_path, monkeypatch):
+    built, real_build = [], train.build_model
+
+    def keep(*args):  # the live model, to inspect after the error
+        built.append(real_build(*args))
+        return built[-1]
+
+    monkeypatch.setattr(train, "build_model", keep)
+    out = tmp_path / "inf"
+    with pytest.raises(train.NonFiniteError, match=r"step 2: .*gradient norm \(inf\)"):
+        run(out, "sft_tiny", *SFT, "optim.max_steps=4", "optim.global_batch=1", "optim.micro_batch=1",
+            "checkpoint.every_steps=1", "debug.inf_grad_at_step=2")  # fmt: skip
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1]
+    assert checkpoint.latest(out / "checkpoints").name == "step_00000001"
+    assert not (out / "done.json").exists()
+    # The live model after the error still holds step 1's weights (no optimizer step ran).
+    cfg = load_config(str(out / "config.yaml"))
+    ref = real_build(cfg, Dist(), train.load_tokenizer(cfg))
+    opt, _ = build_optimizer(cfg, ref, 4)
+    checkpoint.load(checkpoint.latest(out / "checkpoints"), ref, opt, Dist())
+    for (name, p), q in zip(built[0].named_parameters(), ref.parameters()):
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p, q), name
+
+
+def _steps(out) -> dict[int, dict]:
+    return {r["step"]: r for r in metrics(out)}
+
+
+def test_stop_then_resume_is_bit_identical(tmp_path):
+    """Optimizer moments, scheduler and data position all restored: a run stopped after step 2
+    (debug.stop_after_step) and resumed ends with the uninterrupted run's weights bit for bit,
+    with the same lr, loss and tokens on every resumed step (the loss pins the data order)."""
+    common = [*SFT, "optim.max_steps=5", "optim.global_batch=2", "optim.micro_batch=1",
+              "optim.schedule=linear"]  # fmt: skip
+    full = run(tmp_path / "full", "sft_tiny", *common)
+    cut = tmp_path / "cut"
+    with pytest.raises(train.DebugStop):
+        run(cut, "sft_tiny", *common, "debug.stop_after_step=2")
+    assert checkpoint.latest(cut / "checkpoints").name == "step_00000002"
+    run(cut, "sft_tiny", *common)
+    assert events(cut, "resume")[0]["step"] == 2
+    a, b = _steps(full), _steps(cut)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        for key in ("lr", "loss", "tokens", "grad_norm"):
+            assert b[step][key] == a[step][key], (step, key)
+    assert_same_weights(hf(full), hf(cut), atol=0)
+    assert json.loads((cut / "done.json").read_text())["steps"] == 5
