@@ -74,7 +74,7 @@ def common_args(tmp_path, name, **kw):
     return dict(output_dir=str(tmp_path / name), use_cpu=True, report_to=[], bf16=False,
                 max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=ACCUM,
                 logging_steps=1, seed=0, save_strategy="no", optim="sgd",
-                gradient_checkpointing=False, **kw)  # fmt: skip
+                gradient_checkpointing=False) | kw  # fmt: skip
 
 
 def run(trainer_cls, config_cls, tmp_path, name, model, data, tok, extra=None, **cfg):
@@ -265,3 +265,28 @@ def test_dpo_model_path_and_trl_built_reference(tmp_path, tok):
     assert_same_logs(out["trl"][0], out["ours"][0], DPO_METRICS,
                      abs_keys=[k for k in DPO_METRICS if k.startswith("rewards/")])  # fmt: skip
     assert out["ours"][1]["linear_logprobs"] == 2 * STEPS * ACCUM  # policy + reference
+
+
+def test_dpo_peft_reference_is_the_adapter_disabled(tmp_path, tok):
+    """LoRA via TRL's peft_config, no ref_model: the reference is the policy with its adapter
+    disabled (TRL's rule), here under gradient checkpointing; same logs and LoRA weights."""
+    from peft import LoraConfig
+
+    cfg = dict(learning_rate=0.5, max_length=40, gradient_checkpointing=True)
+    out = {}
+    for name, cls in (("trl", trl.DPOTrainer), ("ours", ours.DPOTrainer)):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        out[name] = run(cls, DPOConfig, tmp_path, name, cohere(), dpo_data(), tok,
+                        {"peft_config": lora}, **cfg)  # fmt: skip
+    (theirs, m_theirs, _), (mine, m_mine, calls) = out["trl"], out["ours"]
+    assert_same_logs(theirs, mine, DPO_METRICS,
+                     abs_keys=[k for k in DPO_METRICS if k.startswith("rewards/")])  # fmt: skip
+    lora_weights = lambda m: {n: p for n, p in m.named_parameters() if "lora_" in n}  # noqa: E731
+    a, b = lora_weights(m_theirs), lora_weights(m_mine)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=ABS, msg=f"LoRA weight {n} differs")
+    assert any(p.abs().max() > 1e-4 for n, p in b.items() if "lora_B" in n)  # it trained
+    # policy + reference forwards, plus the policy's recomputation under checkpointing
+    assert calls["linear_logprobs"] == 2 * STEPS * ACCUM
+    assert calls["varlen_attention"] == 3 * STEPS * ACCUM * m_mine.config.num_hidden_layers
