@@ -18,6 +18,20 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
+# Debug mode (R7B_FAST_DEBUG=1 in the environment, or set this flag at run time): input checks
+# that read tensor values on the host (cu_seqlens monotone and ending at T, max_seqlen >= the
+# longest sequence, targets in range) also run for tensors off the CPU, at one device sync per
+# call. Off by default: on CUDA the kernels then never sync; CPU tensors are always checked (a
+# host read there is no sync). Never under torch.compile (a host read breaks the graph).
+DEBUG = os.environ.get("R7B_FAST_DEBUG", "0") not in ("", "0")
+
+
+def host_value_checks(t: torch.Tensor) -> bool:
+    """Whether to run the input checks that read `t`'s values on the host (see DEBUG)."""
+    if torch.compiler.is_compiling():
+        return False
+    return DEBUG or t.device.type == "cpu"
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).

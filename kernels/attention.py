@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._backend import record_call, resolve_backend, triton_module
+from ._backend import host_value_checks, record_call, resolve_backend, triton_module
 from .aot import AotSpec
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -26,8 +26,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, dtypes=DTYPES) -> None:
-    """Raise ValueError naming the bad argument; one device sync to read cu_seqlens (skipped
-    under torch.compile, which would break the graph there)."""
+    """Raise ValueError naming the bad argument. Shapes, dtypes, devices: always. Values of
+    cu_seqlens (and max_seqlen against them) need a host read: only where `host_value_checks`
+    says (CPU tensors, or debug mode; never under torch.compile)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim]")
@@ -56,8 +57,10 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, dtypes=DTYPES
             raise ValueError("window needs causal=True (query i sees keys i-window < j <= i)")
         if int(window) != window or window < 1:
             raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if torch.compiler.is_compiling():
-        return  # the value checks below read cu_seqlens on the host: a graph break
+    if int(max_seqlen) != max_seqlen or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if not host_value_checks(cu_seqlens):
+        return  # the value checks below read cu_seqlens on the host: a sync / a graph break
     lens = torch.diff(cu_seqlens)
     first, last, min_len, max_len = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lens.min() if lens.numel() else cu_seqlens[0] * 0,
@@ -171,6 +174,15 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, wind
     cu_seqlens, one host read). Also accepts float64. `backend="torch"` runs it."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, (*DTYPES, torch.float64))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return _torch_path(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
+
+
+def _torch_path(q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
+    """The planner (`_tiled`) in eager on the CPU, where reading cu_seqlens costs no sync and it
+    is up to 2.7x faster without a window; the banded path (`_banded`, no host reads) under
+    torch.compile and for tensors off the CPU."""
+    if torch.compiler.is_compiling() or cu_seqlens.device.type != "cpu":
+        return _banded(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
     return _tiled(q, k, v, cu_seqlens, causal, window, scale)
 
 
@@ -196,6 +208,63 @@ def _tiled(q, k, v, cu_seqlens, causal, window, scale):
     if len(outs) > 1:
         out = out.index_select(0, torch.argsort(torch.cat(order)).to(q.device))
     return out.reshape(n_tiles * TILE, Hq, D)[:T]
+
+
+# Banded torch path (torch.compile, or tensors off the CPU): no host read of any tensor value, so
+# no graph break and no device sync. Query tile t (TILE rows) attends to the static key span
+# [t*TILE - back, (t+1)*TILE + ahead), back = min(max_seqlen, window) - 1 (ahead = max_seqlen - 1
+# when not causal), gathered as a strided window (unfold) of the zero-padded K/V and masked by
+# same-sequence (ids from cu_seqlens on device), causal and window. Shapes depend only on T,
+# max_seqlen and window (python ints). Work ~ T * (TILE + back + ahead): as the planner's with a
+# window; without one it pays max_seqlen for every tile, so on the CPU in eager the planner runs.
+
+
+def _band(T: int, max_seqlen: int, causal: bool, window) -> tuple[int, int, int]:
+    """(tile, back, ahead) of the banded path: one tile over the whole row when the band is as
+    wide (a short row: a single masked SDPA call, nothing gathered twice)."""
+    reach = max(1, min(int(max_seqlen), T)) - 1  # same-sequence keys are at most this far away
+    back = reach if window is None else min(reach, int(window) - 1)
+    ahead = 0 if causal else reach
+    n_tiles = -(-T // TILE)
+    if back + TILE + ahead >= n_tiles * TILE:
+        return n_tiles * TILE, 0, 0
+    return TILE, back, ahead
+
+
+def _banded(q, k, v, cu_seqlens, max_seqlen, causal, window, scale):
+    """varlen_attention_torch on checked inputs without host reads (see the comment above)."""
+    T, Hq, D = q.shape
+    Hk, G = k.shape[1], Hq // k.shape[1]
+    if T == 0:  # an empty result, still in the graph of q, k and v (their gradients: empty)
+        return q.clone() + 0 * (k.sum() + v.sum())
+    C, back, ahead = _band(T, max_seqlen, causal, window)
+    n, S, dev, pad = -(-T // C), back + C + ahead, q.device, torch.nn.functional.pad
+    tail = n * C - T + ahead  # zero keys after the row: the last tile's span stays in range
+    kw, vw = (pad(x, (0, 0, 0, 0, back, tail)).unfold(0, S, C) for x in (k, v))  # [n, Hk, D, S]
+    # each token's sequence id (cu_seqlens[b] <= i < cu_seqlens[b+1] -> b + 1), on device
+    sid = torch.bucketize(torch.arange(T, device=dev, dtype=cu_seqlens.dtype), cu_seqlens,
+                          right=True)  # fmt: skip
+    sid_k = pad(sid, (back, tail), value=-1).unfold(0, S, C)  # [n, S]; -1: padding keys
+    sid_q = pad(sid, (0, n * C - T), value=-2).view(n, C)  # -2: padding queries
+    seen = sid_q[:, :, None] == sid_k[:, None, :]  # [n, C, S]
+    offset = torch.arange(S, device=dev)[None] - back - torch.arange(C, device=dev)[:, None]
+    if causal:  # offset = key index - query index, the same for every tile
+        seen = seen & (offset <= 0)
+    if window is not None:
+        seen = seen & (offset > -int(window))
+    seen = seen | (sid_q < 0)[:, :, None]  # padding queries see all (no empty softmax row)
+    qt = pad(q, (0, 0, 0, 0, 0, n * C - T)).view(n, C, Hk, G, D)
+    qt = qt.permute(0, 2, 3, 1, 4).reshape(n, Hk, G * C, D)  # row g*C+i: query head kv*G + g
+    per_call = max(1, GATHER_BUDGET // (S * Hk * D))
+    outs = []
+    for a in range(0, n, per_call):  # python ints: a static loop, unrolled by torch.compile
+        b = min(n, a + per_call)
+        mask = seen[a:b, None].expand(b - a, G, C, S).reshape(b - a, 1, G * C, S)
+        ks, vs = (x[a:b].transpose(2, 3) for x in (kw, vw))  # [b - a, Hk, S, D]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qt[a:b], ks, vs, attn_mask=mask, scale=scale))  # fmt: skip
+    o = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return o.view(n, Hk, G, C, D).permute(0, 3, 1, 2, 4).reshape(n * C, Hq, D)[:T]
 
 
 # The Triton path as torch custom ops (forward saving lse; backward = Delta, dK/dV, dQ kernels)
@@ -274,7 +343,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
     name = resolve_backend(backend, q, k, v)
     record_call("varlen_attention", name)
     if name == "torch":
-        return _tiled(q, k, v, cu_seqlens, causal, window, scale)
+        return _torch_path(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     win = 0 if window is None else int(window)
     return _fwd_op(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), win, scale)[0]

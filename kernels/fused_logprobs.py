@@ -20,7 +20,12 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from r7b_fast.kernels._backend import record_call, resolve_backend, triton_module
+from r7b_fast.kernels._backend import (
+    host_value_checks,
+    record_call,
+    resolve_backend,
+    triton_module,
+)
 
 TORCH_CHUNK_ELEMENTS = 1 << 26  # the torch twin's logits chunk: 64M fp32 = 256 MiB
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -126,7 +131,7 @@ def _check_inputs(hidden, weight, targets, ignore_index: int, float_dtypes=_FLOA
             f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
             "must be on one device"
         )
-    if torch.compiler.is_compiling():  # the value check below would break the graph
+    if not host_value_checks(targets):  # a host read: a device sync, or a graph break
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(bad.any()):
