@@ -4,11 +4,17 @@
 
 Triton kernels live in attention_fwd.py (forward, saves lse) and attention_bwd.py (a dK/dV
 kernel and a dQ kernel, no atomics), imported only when the Triton path runs (triton is
-optional: without it this module imports and the torch path runs), wrapped here as torch custom
-ops with a registered autograd (torch.compile traces through them); `varlen_attention_torch` is
-the plain-torch twin with the same signature, fast on CPU (batched SDPA over query tiles), and `varlen_attention_reference` the
-slow per-sequence loop the tests trust; `backend="auto"` picks Triton on CUDA or under
-TRITON_INTERPRET=1, else torch.
+optional: without it this module imports and the torch paths run). They are wrapped here as
+torch custom ops with a registered autograd, registered at import (torch.compile traces through
+them). `backend="auto"` picks Triton on CUDA or under TRITON_INTERPRET=1, else torch.
+
+Torch paths (`varlen_attention_torch`, backend="torch"), same signature and result:
+- the planner (`_tiled`): eager on the CPU; reads cu_seqlens on the host (free there) to give
+  each query tile only the keys it needs. Fastest on the CPU.
+- the banded path (`_banded`): under torch.compile and for tensors off the CPU; no host read of
+  any tensor value (no graph break, no device sync): every tile gets the static key span that
+  max_seqlen and window allow.
+`varlen_attention_reference` is the slow per-sequence loop the tests trust.
 `AOT_SPECS`: the bf16 head-dim-128 GPU configs, for `python -m r7b_fast.kernels.aot`.
 """
 
@@ -170,8 +176,10 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, causal=True, wind
                            softmax_scale=None):  # fmt: skip
     """Plain-torch `varlen_attention` (same arguments and result), fast on CPU: a few batched
     `scaled_dot_product_attention` calls over query tiles (see above), no per-sequence loop;
-    differentiable through torch ops; max_seqlen is only checked (the tiles come from
-    cu_seqlens, one host read). Also accepts float64. `backend="torch"` runs it."""
+    differentiable through torch ops. In eager on the CPU the tiles are planned from cu_seqlens
+    (read on the host; max_seqlen only checked); under torch.compile or off the CPU the banded
+    path sizes them from max_seqlen and window, with no host read (see `_torch_path`). Also
+    accepts float64. `backend="torch"` runs it."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window, (*DTYPES, torch.float64))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return _torch_path(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
@@ -323,7 +331,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
             h // (Hq // Hk); e.g. Hq=32, Hk=8: heads 0-3 share kv head 0). K/V are never repeated.
         cu_seqlens: int32 [B+1], 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T; sequence b is
             rows cu_seqlens[b]:cu_seqlens[b+1]. No token attends across a boundary.
-        max_seqlen: int >= the longest sequence (sizes the launch grid).
+        max_seqlen: a python int >= the longest sequence (a bound, not necessarily tight): it
+            sizes the Triton grid and the banded torch path's key span, so no path reads
+            cu_seqlens on the host to learn it. A value below the longest sequence gives wrong
+            results where it is not checked (see below); a loose one only costs time.
         causal: query i sees keys j <= i (positions within its sequence).
         window: None, or an int w >= 1 with HF's meaning: query i sees key j iff
             i - w < j <= i (flash-attn's window_size=(w-1, 0)); needs causal=True.
@@ -337,6 +348,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
             "torch".
     Head dims 16/32/64/128; dtypes fp32/bf16/fp16 (q, k, v alike, one device).
     Returns: [T, Hq, D] in q's dtype; differentiable w.r.t. q, k, v.
+    Raises ValueError for bad shapes, dtypes, devices, window or max_seqlen (always), and for
+    cu_seqlens values (not from 0 to T, decreasing, a sequence longer than max_seqlen) when they
+    are on the CPU or in debug mode (R7B_FAST_DEBUG=1 or `r7b_fast.kernels._backend.DEBUG =
+    True`; one device sync per call): otherwise no host sync happens here, on either backend.
+    ImportError for backend="triton" where triton is not importable.
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, causal, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
