@@ -9,12 +9,14 @@ Layout under `output_dir/checkpoints/`:
 
 A checkpoint is written into a `.tmp` directory and renamed once all ranks have finished, so a
 kill at any moment leaves the previous complete checkpoint intact and `latest()` never returns a
-half-written one. The HF export (`export_hf`) is written the same way (`hf.tmp` -> `hf`).
+half-written one. The HF export (`export_hf`) is written the same way (`hf.tmp` -> `hf`), with
+`use_cache: true` in its config and generation config (the trainer itself runs without a cache).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -125,8 +127,22 @@ def _single_process_quiet(dist: Dist):
 
 def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-    for p in done[:-keep_last]:
+    for p in done[: len(done) - keep_last]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def prune(root: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints under `root` (0: delete them all, and any
+    half-written `.tmp` one); for a finished run, once its export and done.json exist."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    _prune(root, keep)
+    if keep == 0:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def load(
@@ -199,9 +215,14 @@ def export_hf(
         config = config.__class__.from_dict(config.to_dict())
         config.dtype = saved_dtype
         config.architectures = [_hf_class_name(model)]
+        # training runs without a KV cache (packed rows); an export is for generation, where
+        # use_cache=false makes every new token re-run the whole prefix
+        config.use_cache = True
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
+            gen = copy.deepcopy(gen)
+            gen.use_cache = True
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -47,6 +47,14 @@ class RunConfig:
     cpu_threads: int = 0
     """torch intra-op threads on CPU; 0 = torch's default divided by the processes on this
     machine (oversubscribed CPUs get much slower with too many threads)."""
+    allow_changes: list = field(default_factory=list)
+    """Keys allowed to differ from the run already in output_dir when continuing it, e.g.
+    `[optim.lr]` to resume with a lower learning rate (the new value is used from the resumed
+    step on and recorded in metrics.jsonl and run.json); `['*']` allows any change. Without it
+    a changed result-determining key (r7b_fast.rundir.fingerprint) is refused (exit 2)."""
+    overwrite: bool = False
+    """Delete the previous run in output_dir (checkpoints/, hf/, done.json, metrics...) and
+    start fresh; required with checkpoint.resume=false into a directory holding a run."""
 
 
 @dataclass
@@ -80,12 +88,15 @@ class DataConfig:
     synthetic_eval: int = 32
     """Rows per synthetic family in the generated eval split."""
     tokenizer: str = "auto"
-    """`auto` (the checkpoint's tokenizer; the embedded one for model.path=tiny or a checkpoint
-    without tokenizer files), `embedded`, or a tokenizer directory."""
+    """`auto` (the checkpoint's tokenizer; the embedded one for model.path=tiny; a checkpoint
+    without tokenizer files is an error), `embedded`, or a tokenizer directory."""
     max_tokens: int = 512
     """Length of a packed row, in tokens; also the longest sequence (longer ones are skipped)."""
     shuffle: bool = True
     """Shuffle packed rows each epoch (seeded by run.seed and the epoch)."""
+    eval: list = field(default_factory=list)
+    """Held-out files (data.train's schema) for eval.every_steps; empty = the generated eval
+    split of data.synthetic_families (required with data.train when eval is on)."""
     max_dropped_fraction: float = 0.1
     """Stop before training when a data file has more than this fraction of unusable rows
     (bad schema, too long...); the error names the file, the count per reason and the schema."""
@@ -156,7 +167,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept (older ones deleted after a new one is complete)."""
     resume: bool = True
-    """Resume from the latest complete checkpoint in output_dir/checkpoints if there is one."""
+    """Resume from the latest complete checkpoint in output_dir/checkpoints if there is one;
+    false into a directory holding a previous run is refused unless run.overwrite=true."""
+    keep_after_done: int = 1
+    """Complete checkpoints kept once the run is finished (hf/ and done.json written): 1 keeps
+    the last (to continue training later), 0 deletes them all."""
     export_hf: bool = True
     """Write an HF `save_pretrained` directory (output_dir/hf) at the end of the stage."""
     hf_max_shard_size: str = "5GB"
@@ -173,6 +188,14 @@ class LoggingConfig:
     """Show a tqdm progress bar on rank 0."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s per device for MFU; 0 = look the GPU up (H100/H200), none on CPU."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Held-out loss every this many optimizer steps and at the last one (sft: token-mean NLL;
+    dpo: DPO loss + reward accuracy) on data.eval or the generated eval split, logged as
+    eval/loss (metrics.jsonl `eval` events, TensorBoard); 0 = off. Not for online_dpo."""
 
 
 @dataclass
@@ -198,6 +221,7 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -409,10 +433,24 @@ def _validate_rest(cfg: Config) -> None:
     _check(on.temperature > 0, "online.temperature", "must be > 0")
     _check(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(c.keep_after_done >= 0, "checkpoint.keep_after_done", "must be >= 0")
     _check(lg.every_steps >= 1, "logging.every_steps", "must be >= 1")
     _check(lg.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0")
+    _validate_eval(cfg)
     for key in ("nan_at_step", "inf_grad_at_step", "stop_after_step"):
         _check(getattr(cfg.debug, key) >= 0, f"debug.{key}", "must be >= 0")
+
+
+def _validate_eval(cfg: Config) -> None:
+    e, d = cfg.eval, cfg.data
+    _check(e.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    for i, path in enumerate(d.eval):
+        _check(os.path.exists(path), f"data.eval[{i}]", f"dataset path not found: {path}")
+    if e.every_steps:
+        _check(cfg.run.stage != "online_dpo", "eval.every_steps",
+               "not supported for online_dpo (its held-out measure is r7b_fast.eval)")  # fmt: skip
+        _check(bool(d.eval) or not d.train, "data.eval",
+               "eval.every_steps with data.train needs data.eval files")  # fmt: skip
 
 
 def check_world(cfg: Config, world_size: int) -> int:

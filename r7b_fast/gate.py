@@ -182,10 +182,16 @@ def load_gate_spec(path_or_name: str, **overrides) -> dict:
 
 
 def _train(spec: dict, out: Path, files: list[Path]) -> Path:
-    """One short SFT (the trainer's own code) on `files`; returns the HF export directory."""
+    """One short SFT (the trainer's own code) on `files`; returns the HF export directory.
+
+    Cached: a finished run in `out` is reused only if its `gate_key.json` matches `cache_key`
+    (config, seed, base, overrides, data content); otherwise `out` is wiped and retrained."""
     import json
+    import shutil
     import subprocess
     import sys
+
+    from r7b_fast.rundir import die_with_parent
 
     base = spec.get("base") or {}
     ov = {
@@ -198,11 +204,17 @@ def _train(spec: dict, out: Path, files: list[Path]) -> Path:
         **(spec.get("overrides") or {}),
     }
     args = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in ov.items()]
-    if (out / "done.json").is_file():
+    key = cache_key(spec, ov, files)
+    key_file = out / "gate_key.json"
+    if (out / "done.json").is_file() and _read_key(key_file) == key:
         return out / "hf"
+    if out.exists():  # another config, seed or data trained here: retrain from scratch
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    key_file.write_text(json.dumps({"key": key}))
     if spec.get("launcher", "inprocess") == "subprocess":
         cmd = [sys.executable, "-m", "r7b_fast.train", spec["config"], *args]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent())
     else:
         from r7b_fast.config import load_config
         from r7b_fast.train import run
@@ -210,6 +222,30 @@ def _train(spec: dict, out: Path, files: list[Path]) -> Path:
         run(load_config(spec["config"], args + ["logging.progress_bar=false",
                                                 "logging.tensorboard=false"]))  # fmt: skip
     return out / "hf"
+
+
+def cache_key(spec: dict, overrides: dict, files: list[Path]) -> str:
+    """What determines a gate run's model: the trainer config's text, the overrides (seed, base,
+    file paths included) and the data files' content (rundir.data_identity)."""
+    import hashlib
+    import json
+
+    from r7b_fast.config import resolve_path
+    from r7b_fast.rundir import data_identity
+
+    payload = {"config": resolve_path(spec["config"]).read_text(), "overrides": overrides,
+               "data": data_identity([str(f) for f in files])}  # fmt: skip
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_key(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _evaluate(spec: dict, hf: Path, rows: list[dict]) -> dict[str, float]:

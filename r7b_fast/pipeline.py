@@ -19,12 +19,14 @@ linear list of stages, each with its own directory `work_dir/<stage>/`:
     report                     JSON + markdown table + PNG plots (always rewritten)
 
 Training stages run `python -m r7b_fast.train CONFIG key=value...` as subprocesses (under
-`torchrun --nproc_per_node N` when nproc > 1), so they run exactly the trainer's code; merges
+`torchrun --nproc_per_node N` when nproc > 1), so they run exactly the trainer's code, and die
+with the pipeline (Linux: PR_SET_PDEATHSIG, so even a kill -9 of the pipeline stops them); merges
 call `r7b_fast.merge.merge_checkpoints`. Each stage writes `started.json` (its hash) when it
 starts and `record.json` (hash, kind, metrics, seconds, output) when complete. The hash covers
 the stage's spec (for training: the trainer config file's text and the overrides; for data and
-the tiny init: TOKENIZER_VERSION, the generator/tokenizer cache key) and the hashes of the stages
-it depends on. On a rerun, a stage whose record matches its hash and whose output
+the tiny init: TOKENIZER_VERSION, the generator/tokenizer cache key; for user data files and an
+external base: their identity, r7b_fast.rundir's content hash or size + mtime) and the hashes of
+the stages it depends on. On a rerun, a stage whose record matches its hash and whose output
 exists is skipped; an interrupted one (started, no record) is redone in place (the trainer
 resumes from its own checkpoints); a stage whose spec changed is wiped and redone. `--from
 STAGE` wipes and redoes that stage and every later one.
@@ -62,6 +64,7 @@ from r7b_fast.pipeline_spec import (
     stage_hash,
     write_json,
 )
+from r7b_fast.rundir import die_with_parent
 
 __all__ = [  # the public names, including those defined in pipeline_spec
     "EXECUTORS", "EXPERT_KEYS", "SECTION_KEYS", "TOP_KEYS", "Context", "PipelineError", "Stage",
@@ -153,7 +156,9 @@ def run_train(st: Stage, d: Path, ctx: Context) -> dict:
     with open(log_path, "ab") as logf:
         logf.write(("$ " + " ".join(cmd) + "\n").encode())
         logf.flush()
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False)
+        # the trainer dies with the pipeline, even a kill -9 of it (no orphan keeps training)
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False,
+                              preexec_fn=die_with_parent())  # fmt: skip
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         raise RuntimeError(f"stage {st.name}: trainer exited with {proc.returncode}; "

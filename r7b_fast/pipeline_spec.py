@@ -333,10 +333,30 @@ def _files(spec: dict, sec: dict, kind: str) -> list[list[str]]:
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
-    """sha256 over the stage's kind, spec and its dependencies' hashes (16 hex digits)."""
+    """sha256 over the stage's kind, spec, its dependencies' hashes and the identity of its
+    outside inputs (user data files, an external base; absent otherwise, so stages without
+    them hash as before) (16 hex digits)."""
     payload = {"kind": stage.kind, "spec": stage.spec, "deps": {d: upstream[d] for d in stage.deps}}
+    inputs = input_identity(stage)
+    if inputs:
+        payload["inputs"] = inputs
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def input_identity(stage: Stage) -> dict[str, str]:
+    """path -> identity of the files a stage reads from outside the work dir (rundir's: a
+    content hash for small files, else size + mtime; a base's config and weight files)."""
+    from r7b_fast.rundir import data_identity, model_identity
+
+    out = {}
+    if stage.kind == "external":
+        path = stage.spec["path"]
+        out[path] = model_identity(path) if (Path(path) / "config.json").is_file() else "missing"
+    for name, kind in stage.spec.get("data", []) if stage.kind == "train" else []:
+        if kind == "file":
+            out[name] = data_identity([name])[0] if Path(name).exists() else "missing"
+    return out
 
 
 # ----------------------------------------------------------------------------- the records

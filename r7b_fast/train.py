@@ -18,7 +18,13 @@ Run directory (`run.output_dir`), the contract with the pipeline:
     checkpoints/    DCP resume checkpoints   hf/             final HF export (+ tokenizer)
     data/           generated synthetic data reference/ and online/: reference log-probs
                                                              and on-policy pairs, for resume
+    run.json        the run's fingerprint    .lock           flock held by the live trainer
     done.json       written last, atomically: the stage is complete iff it exists
+
+A directory belongs to one run (r7b_fast.rundir): the data, model and tokenizer are validated
+and the fingerprint compared before anything in it changes; a different config is refused
+(exit 2, naming the keys) unless listed in run.allow_changes, and a finished run with the same
+fingerprint is left as is ("already done").
 """
 
 from __future__ import annotations
@@ -33,14 +39,13 @@ from pathlib import Path
 
 import torch
 
-from r7b_fast import checkpoint, distributed
+from r7b_fast import checkpoint, distributed, rundir
 from r7b_fast.config import (
     Config,
     ConfigError,
     check_world,
     help_text,
     load_config,
-    save_config,
     to_dict,
 )
 from r7b_fast.logging import MetricsLogger, flops_per_token, peak_flops, versions
@@ -82,6 +87,10 @@ class Session:
     """Peak FLOP/s per device (None: no MFU)."""
     tokens: float = 0.0
     """Real (non-padding) tokens trained so far, all ranks."""
+    eval_rows: object = None
+    """Packed eval rows for eval.every_steps (r7b_fast.train_eval), None when off."""
+    eval_denom: torch.Tensor | None = None
+    """The eval split's global loss normaliser (same units as a training step's)."""
     trained_steps: int | None = None
     """Optimizer steps that actually trained (online_dpo skips rounds without pairs); None =
     every step of the stage."""
@@ -151,6 +160,14 @@ STAGE_LOSS = {"sft": (sft_count, sft_loss), "dpo": (dpo_count, dpo_loss)}
 STAGE_LOSS["online_dpo"] = STAGE_LOSS["dpo"]
 
 
+def prepare_eval(s: Session):
+    """Eval rows and their normaliser for eval.every_steps (before any step: DPO's eval
+    reference is the model the stage starts from); (None, None) when off."""
+    from r7b_fast.train_eval import prepare_eval as prepare
+
+    return prepare(s, STAGE_LOSS[s.cfg.run.stage][0])
+
+
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -164,19 +181,14 @@ def compute_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer for `data.tokenizer`: `auto` = the checkpoint's own tokenizer, or the
-    embedded one for model.path=tiny or a checkpoint directory without tokenizer files."""
+    """The tokenizer for `data.tokenizer`: `auto` = the checkpoint's own tokenizer (the embedded
+    one for model.path=tiny; a checkpoint without tokenizer files is a ConfigError naming
+    data.tokenizer), `embedded`, or a tokenizer directory."""
     from transformers import AutoTokenizer
 
     from r7b_fast.data.tokenizer import load_tokenizer as embedded
 
-    choice = cfg.data.tokenizer
-    if choice == "auto":
-        has_own = cfg.model.path != "tiny" and any(
-            (Path(cfg.model.path) / f).is_file()
-            for f in ("tokenizer.json", "tokenizer_config.json")
-        )
-        choice = cfg.model.path if has_own else "embedded"
+    choice = rundir.tokenizer_source(cfg)
     return embedded() if choice == "embedded" else AutoTokenizer.from_pretrained(choice)
 
 
@@ -190,7 +202,7 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
     attn = "sdpa" if cfg.model.attention == "varlen" else cfg.model.attention
     sharded_load = dist.distributed and cfg.model.path != "tiny"
     model = load_model(
-        cfg.model.path,
+        rundir.resolve_model_path(cfg.model.path),
         dtype,
         tiny_overrides=cfg.model.tiny_overrides,
         seed=cfg.run.seed,
@@ -215,7 +227,8 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
         activation_checkpointing=cfg.model.activation_checkpointing,
     )
     if sharded_load:
-        weights = read_hf_weights(cfg.model.path, dtype) if dist.is_main else {}
+        path = rundir.resolve_model_path(cfg.model.path)
+        weights = read_hf_weights(path, dtype) if dist.is_main else {}
         distributed.materialize(model, dist, weights, buffers)
     return model
 
@@ -275,6 +288,10 @@ def train_steps(
             metrics[k] = (distributed.all_reduce_sum(v, dist) / denom.reshape(-1)[0]).item()
         if step % cfg.logging.every_steps == 0 or step == last:
             s.logger.log(step, metrics)
+        if s.eval_rows is not None and (step % cfg.eval.every_steps == 0 or step == last):
+            from r7b_fast.train_eval import evaluate
+
+            evaluate(s, s.eval_rows, s.eval_denom, loss_fn, step)
         s.logger.advance()
         every, stop = cfg.checkpoint.every_steps, cfg.debug.stop_after_step
         if (every and step % every == 0) or step == last or step == stop:
@@ -312,7 +329,8 @@ def check_finite(s: Session, step: int, loss, grad_norm) -> None:
     raise NonFiniteError(
         f"step {step}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}); "
         f"stopped before the optimizer step. Last good checkpoint: {last_good or 'none'} "
-        "(resume from it with a lower optim.lr or check the data)."
+        "(resume from it with a lower learning rate: optim.lr=<new> run.allow_changes=[optim.lr]; "
+        "or check the data)."
     )
 
 
@@ -417,12 +435,13 @@ def total_steps(cfg: Config, rows: list[dict]) -> int:
     return max(1, math.ceil(cfg.optim.epochs * len(rows) / cfg.optim.global_batch))
 
 
-def prepare_run_dir(cfg: Config, dist: distributed.Dist) -> Path:
+def prepare_run_dir(cfg: Config, dist: distributed.Dist, decision: dict, lock) -> Path:
+    """Apply the checked decision (rundir.commit: config.yaml, run.json, removals), once the
+    data, model and tokenizer are validated; records the lock holder."""
     out = Path(cfg.run.output_dir)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "done.json").unlink(missing_ok=True)
-        save_config(cfg, out / "config.yaml")
+        lock.record()
+        rundir.commit(cfg, decision["fingerprint"], decision)
     distributed.barrier(dist)
     return out
 
@@ -447,10 +466,22 @@ def write_done(s: Session, metrics: dict, total: int, seconds: float) -> None:
 def run(cfg: Config) -> dict:
     """Run one stage end to end (see the module docstring); returns done.json's content."""
     dist = distributed.init(cfg.run.device, cfg.run.cpu_threads)
-    logger = None
+    logger = lock = None
     try:
         accum = check_world(cfg, dist.world_size)
-        out = prepare_run_dir(cfg, dist)
+        # validate the model, tokenizer and data before anything in the run dir changes
+        cfg.model.path = rundir.resolve_model_path(cfg.model.path)
+        tokenizer = load_tokenizer(cfg)
+        rundir.check_model(cfg, tokenizer)
+        decision, lock = rundir.lock_and_check(cfg, dist)
+        out = Path(cfg.run.output_dir)
+        if decision["mode"] == "done":
+            return rundir.already_done(out, dist)
+        t0 = time.time()
+        torch.manual_seed(cfg.run.seed)
+        deferred = rundir.Deferred(dist)
+        rows = build_rows(cfg, tokenizer, out, dist, deferred)
+        prepare_run_dir(cfg, dist, decision, lock)
         lg = cfg.logging
         logger = MetricsLogger(
             out, enabled=dist.is_main, tensorboard=lg.tensorboard, progress_bar=lg.progress_bar
@@ -462,15 +493,17 @@ def run(cfg: Config) -> dict:
             world_size=dist.world_size,
             device=str(dist.device),
         )
+        for name, fields in deferred.events:
+            logger.event(name, **fields)
+        if decision["changes"]:  # deliberate changes (run.allow_changes), old -> new
+            changes = {k: {"old": a, "new": b} for k, (a, b) in decision["changes"].items()}
+            logger.event("config_change", changes=changes)
+            logger.message(f"continuing {out} with changes: {changes}")
         logger.message(
             f"r7b_fast.train: {cfg.run.stage} on {dist.world_size} x {dist.device}, "
             f"{accum} micro-batch(es) of {cfg.optim.micro_batch} x {cfg.data.max_tokens} tokens "
             f"per step per process -> {out}"
         )
-        t0 = time.time()
-        torch.manual_seed(cfg.run.seed)
-        tokenizer = load_tokenizer(cfg)
-        rows = build_rows(cfg, tokenizer, out, dist, logger)
         total = total_steps(cfg, rows)
         model = build_model(cfg, dist, tokenizer)
         optimizer, scheduler = build_optimizer(cfg, model, total)
@@ -492,6 +525,7 @@ def run(cfg: Config) -> dict:
         )
         if cfg.run.stage == "dpo":
             rows = reference_rows(s, rows, out / "reference" / "dpo.pt")
+        s.eval_rows, s.eval_denom = prepare_eval(s)
         resume_state = resume(s)
         if cfg.run.stage == "online_dpo":
             metrics = run_online(s, rows, resume_state)
@@ -510,6 +544,8 @@ def run(cfg: Config) -> dict:
             )
         total = total if s.trained_steps is None else s.trained_steps  # steps that trained
         write_done(s, metrics, total, time.time() - t0)
+        if dist.is_main:  # after done.json: a kill in between leaves a complete run
+            checkpoint.prune(out / "checkpoints", cfg.checkpoint.keep_after_done)
         logger.event("done", steps=total, tokens=s.tokens, seconds=time.time() - t0)
         # every rank finishes its last collective before any tears the process group down (a
         # rank destroying gloo while its peer is still mid-send aborted once in CI)
@@ -522,19 +558,34 @@ def run(cfg: Config) -> dict:
     finally:
         if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.release()
         distributed.shutdown()
 
 
 def resume(s: Session) -> dict | None:
-    """Load the latest complete checkpoint (if any and checkpoint.resume); its trainer state."""
+    """Load the latest complete checkpoint (if any and checkpoint.resume); its trainer state.
+
+    The optimizer's hyperparameters (lr, betas, eps, weight decay) and the schedule's base lr
+    come from this run's config, not the checkpoint: a deliberate change (run.allow_changes)
+    takes effect from the resumed step (the same config gives bit-identical values). Step
+    records logged after the checkpoint by an interrupted attempt are dropped (logger)."""
     if not s.cfg.checkpoint.resume:
         return None
     path = checkpoint.agree_on_latest(s.out / "checkpoints", s.dist)
     if path is None:
         return None
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in s.optimizer.param_groups]
     state = checkpoint.load(path, s.model, s.optimizer, s.dist)
     s.scheduler.load_state_dict(state["scheduler"])
+    sch = s.scheduler
+    sch.base_lrs = [f["initial_lr"] for f in fresh]
+    lrs = [base * fn(sch.last_epoch) for base, fn in zip(sch.base_lrs, sch.lr_lambdas)]
+    for group, f, lr in zip(s.optimizer.param_groups, fresh, lrs):
+        group.update({**f, "lr": lr})
+    sch._last_lr = lrs
     s.tokens = state.get("tokens", 0.0)
+    s.logger.resumed_at(state["step"])
     s.logger.event("resume", checkpoint=str(path), step=state["step"])
     s.logger.message(f"resumed from {path} (step {state['step']})")
     return state
