@@ -25,6 +25,7 @@
 #   aot           45  ~30  python -m r7b_fast.kernels.aot (registers, spills, smem, wgmma, sm_90)
 #   time_*     75/80  ~60  each kernel's benchmark vs peers (attention: --budget 60)
 #   train        200 ~150  benchmarks/train_step.py: SFT + DPO steps, ours vs HF vs HF+Liger
+#   trl          150  ~90  benchmarks/trl_dpo.py: TRL's DPOTrainer vs +Liger vs our drop-in (alone: --only install,env,trl)
 #   merge         60  ~30  CPU-side benchmarks, when present
 #   packing       40  ~15
 # Files: DEST/TAG.json, DEST/TAG.md, DEST/TAG.log (DEST = $OUT, else benchmarks/results/; TAG =
@@ -208,6 +209,18 @@ if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ]; then
 else
   echo "=== [train] skipped: a kernel check failed or is missing"
   record train "skipped(check)" 0 0 "benchmarks/train_step.py"
+fi
+
+# ---------------------------------------------------------------------------- TRL drop-in
+# TRL's DPOTrainer vs TRL + use_liger_kernel vs r7b_fast.integrations.trl.DPOTrainer, R7B layer
+# shapes (2 layers, vocab 256000), bf16; --dry-run: tiny model, every variant, one short round.
+if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ] && present trl_dpo; then
+  if [ "$DRY" = 1 ]; then
+    step trl 150 "$PY" -m benchmarks.trl_dpo --dry-run
+  else
+    step trl 150 "$PY" -m benchmarks.trl_dpo --budget 90
+  fi
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi
 
 # ---------------------------------------------------------------------------- CPU-side parts
