@@ -285,3 +285,48 @@ def test_patched_loss_forward_compiles_fullgraph():
     got = compiled(batch["input_ids"], **kw).token_logps
     assert (got[targets == -100] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32, summation order
+
+
+def cohere():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)  # tied embeddings, logit_scale applied to the logits
+    cfg = llama_config().to_diff_dict() | dict(logit_scale=0.5, tie_word_embeddings=True)
+    return CohereForCausalLM(CohereConfig(**cfg))
+
+
+@pytest.mark.parametrize("make", [llama, cohere, qwen2], ids=["llama-untied", "cohere", "qwen2"])
+def test_labels_loss_and_grads_match_unpatched(make):
+    ref = make()
+    model = apply_kernels(copy.deepcopy(ref), backend="torch")
+    batch = flat_batch(seed=7)
+    want = ref(**batch)
+    want.loss.backward()
+    with kernel_calls() as calls:
+        got = model(**batch)
+    got.loss.backward()
+    assert calls["linear_logprobs:torch"] == 1 and got.logits is None
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=RTOL)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        tol = RTOL * q.grad.abs().max()
+        torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=tol, msg=name)
+
+
+def test_flattening_collator_flash_kwargs_are_used(monkeypatch):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes cu_seq_lens_q/k and
+    max_length_q/k itself: used as given (nothing derived from position_ids)."""
+    from transformers import DataCollatorWithFlattening
+
+    ref = llama(seed=8)
+    model = apply_kernels(copy.deepcopy(ref), backend="torch")
+    g = torch.Generator().manual_seed(8)
+    feats = [{"input_ids": torch.randint(8, VOCAB, (n,), generator=g).tolist()} for n in LENS]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    assert "cu_seq_lens_q" in batch and "max_length_q" in batch
+    plain = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    want = ref(**plain).loss
+    monkeypatch.setattr(hfa, "packed_kwargs", lambda *a, **k: pytest.fail("recomputed"))
+    with kernel_calls() as calls:
+        got = model(**batch).loss
+    assert calls["varlen_attention:torch"] == 2
+    assert got.item() == pytest.approx(want.item(), rel=RTOL)
