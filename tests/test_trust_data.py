@@ -74,7 +74,7 @@ def test_too_many_dropped_rows_stop_before_training(tmp_path, no_model):
     args = [*COMMON, f"run.output_dir={tmp_path / 'run'}", f"data.train=[{path}]",
             "data.max_tokens=64", "data.synthetic_families=[]"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"data.train\[0\] .*d.jsonl: 3 of 10 rows unusable for "
-                       r"sft: 3 too long \(> 64 tokens\).*data.max_dropped_fraction=0.1"):  # fmt: skip
+                       r"sft: 3 too long \(> 64 tokens\).*max_dropped_fraction=0.1"):  # fmt: skip
         train.run(load_config("sft_tiny", args))
     # allowed at 0.3: the run gets past the data (to the model, stubbed out here)
     with pytest.raises(AssertionError, match="model was built"):
@@ -83,7 +83,8 @@ def test_too_many_dropped_rows_stop_before_training(tmp_path, no_model):
 
 def test_verifier_prompts_without_task_metadata_fail_before_model(tmp_path, capsys, no_model):
     prompts = [{"prompt": "كم ٢ + ٢؟", "family": "arith_ar", "answer": "٤"},
-               {"prompt": "كم ٣ + ٣؟"}, {"prompt": "كم ١ + ١؟", "family": "arith_ar"}]  # fmt: skip
+               {"prompt": "كم ٣ + ٣؟"},
+               {"prompt": "كم ١ + ١؟", "family": "arith_ar"}]  # fmt: skip
     path = write_jsonl(tmp_path / "p.jsonl", prompts)
     rc = train.main(["online_dpo_tiny", f"run.output_dir={tmp_path / 'run'}",
                      f"data.train=[{path}]", "data.synthetic_families=[]"])  # fmt: skip

@@ -67,7 +67,8 @@ def test_inf_gradient_with_finite_loss_stops_before_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_model", keep)
     out = tmp_path / "inf"
     with pytest.raises(train.NonFiniteError, match=r"step 2: .*gradient norm \(inf\)"):
-        run(out, "sft_tiny", *SFT, "optim.max_steps=4", "optim.global_batch=1", "optim.micro_batch=1",
+        run(out, "sft_tiny", *SFT, "optim.max_steps=4", "optim.global_batch=1",
+            "optim.micro_batch=1",
             "checkpoint.every_steps=1", "debug.inf_grad_at_step=2")  # fmt: skip
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1]
@@ -107,3 +108,74 @@ def test_stop_then_resume_is_bit_identical(tmp_path):
             assert b[step][key] == a[step][key], (step, key)
     assert_same_weights(hf(full), hf(cut), atol=0)
     assert json.loads((cut / "done.json").read_text())["steps"] == 5
+
+
+@pytest.mark.slow
+def test_dpo_sft_term_two_ranks_match_one_process(tmp_path):
+    """dpo.sft_weight > 0 under `torchrun --nproc_per_node 2` (gloo, FSDP2) vs one process with
+    the same global batch: the SFT term is normalised by the step's global chosen-token count,
+    so 3 steps end with the same weights (1e-5 absolute = 1e-3 x lr; a per-rank chosen-token
+    count differed by 1.4e-3 here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*FAST, *DPO, "optim.max_steps=3", "optim.global_batch=4", "optim.micro_batch=1"]
+
+    def launch(out, ranks):
+        pre = [sys.executable]
+        if ranks > 1:
+            pre += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                    "--master_port", str(29700 + os.getpid() % 1000)]  # fmt: skip
+        cmd = [*pre, "-m", "r7b_fast.train", "dpo_tiny", f"run.output_dir={out}", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+
+    one, two = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)
+    for a, b in zip(metrics(one), metrics(two)):
+        assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert_same_weights(hf(one), hf(two), atol=1e-5)
+
+
+def test_eval_loss_is_the_held_out_token_mean_nll(tmp_path):
+    """eval.every_steps=2 over 4 steps: `eval` events at steps 2 and 4; the last one equals the
+    token-mean NLL of the exported model on the generated eval split, recomputed row by row
+    with HF's own forward (1e-4 relative: packed kernels vs unpacked HF, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from r7b_fast.data.chat import render_sft
+    from r7b_fast.data.sources import load_rows
+    from r7b_fast.data.tokenizer import load_tokenizer
+
+    out = run(tmp_path / "ev", "sft_tiny", *SFT, "optim.max_steps=4", "optim.global_batch=2",
+              "optim.micro_batch=1",
+              "eval.every_steps=2", "data.synthetic_eval=6")  # fmt: skip
+    got = events(out, "eval")
+    assert [e["step"] for e in got] == [2, 4] and got[0]["eval/loss"] != got[1]["eval/loss"]
+    tok = load_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", attn_implementation="eager").eval()
+    nll, count = 0.0, 0
+    for fam in ("digits_ar", "count_ar"):
+        rows, _ = load_rows(out / "data" / fam / "eval.jsonl", "sft")
+        assert len(rows) == 6
+        for r in rows:
+            ids, mask = render_sft(tok, r["messages"])
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            for t in range(len(ids) - 1):
+                if mask[t + 1]:
+                    nll -= logp[t, ids[t + 1]].item()
+                    count += 1
+    assert got[1]["eval/loss"] == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_dpo_eval_reports_loss_and_accuracy(tmp_path):
+    out = run(tmp_path / "dev", "dpo_tiny", *DPO, "optim.max_steps=2", "optim.global_batch=2",
+              "optim.micro_batch=1",
+              "eval.every_steps=1", "data.synthetic_eval=4")  # fmt: skip
+    got = events(out, "eval")
+    assert [e["step"] for e in got] == [1, 2]
+    assert all(e["eval/loss"] > 0 and 0 <= e["eval/accuracy"] <= 1 for e in got)
+    assert len(torch.load(out / "reference" / "eval.pt")) >= 1

@@ -54,7 +54,8 @@ def test_done_counts_only_the_steps_that_trained(tmp_path):
     """One prompt per round over a digits_ar and a count_ar prompt: the count_ar round ties."""
     out = tmp_path / "half"
     run(out, "data.synthetic_families=[digits_ar,count_ar]", "data.synthetic_train=1",
-        "online.prompts_per_round=1", "online.reward=test_trust_online:digits_only_reward")  # fmt: skip
+        "online.prompts_per_round=1",
+        "online.reward=test_trust_online:digits_only_reward")  # fmt: skip
     rounds = events(out, "round")
     assert sorted(r["pairs"] for r in rounds) == [0, 1]
     trained = next(r["round"] for r in rounds if r["pairs"])
