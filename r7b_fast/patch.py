@@ -68,7 +68,8 @@ def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: 
 
     Order: apply before or after `get_peft_model`, before or after an HF `Trainer` is built or
     has trained (its accelerate wrappers are kept around the patched forward), before FSDP2 /
-    activation checkpointing (r7b_fast.distributed; FSDP2 keeps the instance's forward).
+    activation checkpointing (r7b_fast.distributed; FSDP2 keeps the instance's forward) and
+    before torch.compile (a compiled module is refused).
     Calling it again adds features and updates `backend`; it never removes one.
     """
     if backend not in BACKENDS:
@@ -92,6 +93,9 @@ def apply_kernels(model, attention: bool = True, loss: bool = True, *, backend: 
 
 def causal_lm(model):
     """The `*ForCausalLM` to patch: `model` itself, or the base model of a PEFT `PeftModel`."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError("apply_kernels: apply it before torch.compile (the compiled module "
+                         "traced the unpatched forward)")  # fmt: skip
     if hasattr(model, "get_base_model"):  # peft.PeftModel (base_model is the LoraModel)
         model = model.get_base_model()
     if not hasattr(model, "config") or not hasattr(model, "lm_head"):

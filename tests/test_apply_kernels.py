@@ -131,6 +131,8 @@ def test_unsupported_architectures_and_features_are_named():
         apply_kernels(dynamic)
     with pytest.raises(ValueError, match="backend"):
         apply_kernels(llama(), backend="cuda")
+    with pytest.raises(ValueError, match="before torch.compile"):
+        apply_kernels(torch.compile(llama()))
 
 
 def test_llama_attention_one_dtype_under_autocast_matches_sdpa():
