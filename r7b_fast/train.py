@@ -21,6 +21,10 @@ Run directory (`run.output_dir`), the contract with the pipeline:
     run.json        the run's fingerprint    .lock           flock held by the live trainer
     done.json       written last, atomically: the stage is complete iff it exists
 
+Exit status of `main`: 0 done; 2 config or data error (one message, no traceback); 3 NaN/Inf
+loss or gradient norm; 4 CUDA out of memory; 5 online_dpo trained nothing (every round's
+samples tied: NoPairsError).
+
 A directory belongs to one run (r7b_fast.rundir): the data, model and tokenizer are validated
 and the fingerprint compared before anything in it changes; a different config is refused
 (exit 2, naming the keys) unless listed in run.allow_changes, and a finished run with the same

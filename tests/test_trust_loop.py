@@ -121,7 +121,9 @@ def test_dpo_sft_term_two_ranks_match_one_process(tmp_path):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [*FAST, *DPO, "optim.max_steps=3", "optim.global_batch=4", "optim.micro_batch=1"]
+    # 2-row micro-batches: one process groups rows (0, 1), (2, 3); two ranks (0, 2), (1, 3), so
+    # a per-micro-batch chosen-token count weights the rows differently in the two runs
+    args = [*FAST, *DPO, "optim.max_steps=3", "optim.global_batch=4", "optim.micro_batch=2"]
 
     def launch(out, ranks):
         pre = [sys.executable]

@@ -149,14 +149,17 @@ def main() -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default="")
     ap.add_argument("--timeout", type=float, default=400.0)
+    ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
-    only = set(filter(None, args.only.split(",")))
+    only = list(filter(None, args.only.split(",")))  # run in this order (most important first)
+    by_id = {m[0]: m for m in MUTANTS}
+    todo = [by_id[i] for i in only] if only else MUTANTS
     work = Path(tempfile.mkdtemp(prefix="r7b_mut.")) / "tree"
     shutil.copytree(args.tree, work, symlinks=True,
                     ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".mut_tmp"))  # fmt: skip
     results = []
     try:
-        for group in TESTS:  # the unmutated tree must pass, or "killed" means nothing
+        for group in [] if args.skip_baseline else TESTS:  # unmutated tests must pass first
             passed, sec, tail = run_tests(work, group, args.timeout)
             print(
                 f"baseline {group:8s} {'ok' if passed else 'FAILED'} {sec:6.1f}s  {tail}",
@@ -164,9 +167,7 @@ def main() -> int:
             )
             if not passed:
                 raise SystemExit(f"baseline tests of {group} fail on the unmutated tree: {tail}")
-        for mid, group, path, subs in MUTANTS:
-            if only and mid not in only:
-                continue
+        for mid, group, path, subs in todo:
             f = work / path
             src = f.read_text()
             sub = next(((o, n) for o, n in subs if o in src), None)
@@ -183,17 +184,24 @@ def main() -> int:
             results.append({"id": mid, "group": group, "status": status, "seconds": round(sec, 1),
                             "tail": tail})  # fmt: skip
             print(f"{mid:4s} {group:8s} {status:8s} {sec:6.1f}s  {tail}", flush=True)
+            report(args, results, quiet=True)  # after every mutant: a cut-short run still counts
     finally:
         shutil.rmtree(work.parent, ignore_errors=True)
+    report(args, results)
+    return 0
+
+
+def report(args, results: list[dict], quiet: bool = False) -> dict:
     summary = {}
     for g in list(TESTS) + ["all"]:
         rs = [r for r in results if r["status"] != "n/a" and (g == "all" or r["group"] == g)]
         summary[g] = {"killed": sum(r["status"] == "killed" for r in rs), "total": len(rs)}
-        print(f"{g:8s} {summary[g]['killed']}/{summary[g]['total']}")
+        if not quiet:
+            print(f"{g:8s} {summary[g]['killed']}/{summary[g]['total']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"tree": args.tree, "summary": summary,
                                               "mutants": results}, indent=1))  # fmt: skip
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
