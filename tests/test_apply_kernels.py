@@ -196,6 +196,7 @@ def test_backend_on_every_attention_module_and_windows(make):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # fp32, summation order
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers and r7b_fast: 10-25 s
 def test_r7b_varlen_by_name_once_r7b_fast_model_is_imported():
     code = (
         "from transformers import AutoModelForCausalLM, LlamaConfig\n"
@@ -268,23 +269,28 @@ def test_eval_mode_returns_hf_logits_and_loss():
     assert model(**batch).logits is None  # training: never materialised
 
 
-def test_patched_loss_forward_compiles_fullgraph():
-    """torch.compile(fullgraph=True) raises on any graph break: the patched Cohere2 forward with
-    the fused log-probs has none (every row goes to the kernel with ignore_index, no nonzero).
-    The attention patch adds none of its own with cu_seqlens and max_seqlen given; the kernels'
-    torch varlen path itself is made fullgraph-safe in kernels/ (tested there)."""
+@pytest.mark.parametrize("attention", [False, True], ids=["loss", "loss+attention"])
+def test_patched_forward_compiles_fullgraph(attention):
+    """torch.compile(fullgraph=True) raises on any graph break: the patched Cohere2 forward has
+    none. The fused log-probs take every row with ignore_index (no nonzero); with cu_seqlens and
+    max_seqlen given the attention patch reads nothing on the host, and the kernels' torch varlen
+    path is fullgraph-safe (its banded path, kernels/attention.py)."""
     model = apply_kernels(build_model(tiny_config(vocab_size=VOCAB, hidden_size=32,
                                                   intermediate_size=64, num_attention_heads=2,
                                                   num_key_value_heads=1, sliding_window=6)),
-                          attention=False, backend="torch")  # fmt: skip
+                          attention=attention, backend="torch")  # fmt: skip
     batch = flat_batch(seed=6)
     targets = torch.roll(batch["labels"], -1, 1)
     targets[0, -1] = -100
     kw = dict(position_ids=batch["position_ids"], targets=targets)
+    if attention:
+        kw.update(cu_seqlens=torch.tensor([0, 3, 10, 22], dtype=torch.int32), max_seqlen=max(LENS))
     want = model(batch["input_ids"], **kw).token_logps
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    got = compiled(batch["input_ids"], **kw).token_logps
+    with kernel_calls() as calls:
+        got = compiled(batch["input_ids"], **kw).token_logps
+    assert calls["varlen_attention"] == (model.config.num_hidden_layers if attention else 0)
     assert (got[targets == -100] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32, summation order
 
