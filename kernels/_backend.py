@@ -2,7 +2,8 @@
 
 Triton is optional: it is imported only when a Triton path runs (`triton_module`). Where it is not
 importable (macOS, Windows, a minimal venv), "auto" picks torch (warning once, with the
-ImportError), and "triton" raises ImportError quoting it.
+ImportError: at the first eager call, or at import on a CUDA machine since a compiled model
+cannot warn), and "triton" raises ImportError quoting it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -72,21 +74,33 @@ def record_call(kernel: str, backend: str) -> None:
         calls[f"{kernel}:{backend}"] += 1
 
 
-_UNCHECKED = object()
-_triton_error: object = _UNCHECKED  # None once triton imported; else the ImportError
+def _find_triton() -> ImportError | None:
+    """Whether triton is installed, without importing it (cheap: a path lookup)."""
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError) as e:  # a finder refusing it; sys.modules["triton"] = None
+        return e if isinstance(e, ImportError) else ImportError(str(e))
+    return None if found else ModuleNotFoundError("No module named 'triton'", name="triton")
+
+
+_triton_error: ImportError | None = _find_triton()  # refined by the first real import
+_triton_imported = False
 _warned_no_triton = False
 
 
 def triton_import_error() -> ImportError | None:
-    """None if `import triton` works here, else its ImportError (tried once, then cached)."""
-    global _triton_error
-    if _triton_error is _UNCHECKED:
-        try:
-            importlib.import_module("triton")
-            _triton_error = None
-        except ImportError as e:
-            _triton_error = e
-    return _triton_error  # type: ignore[return-value]
+    """None if triton is importable here, else its ImportError. Outside torch.compile the first
+    call imports triton (cached); while compiling, where an import cannot be traced, the
+    answer is that import's if it ran, else whether triton is installed (`_find_triton`)."""
+    global _triton_error, _triton_imported
+    if not _triton_imported and not torch.compiler.is_compiling():
+        _triton_imported = True
+        if _triton_error is None:
+            try:
+                importlib.import_module("triton")
+            except ImportError as e:
+                _triton_error = e
+    return _triton_error
 
 
 def _no_triton_message(err: ImportError) -> str:
@@ -124,11 +138,22 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "triton"
     if backend == "triton":
         raise ImportError(f"backend='triton' but {_no_triton_message(err)}") from err
+    if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn (see _warn_once)
+        _warn_once(err, stacklevel=4)
+    return "torch"
+
+
+def _warn_once(err: ImportError, stacklevel: int = 2) -> None:
     global _warned_no_triton
     if not _warned_no_triton:
         _warned_no_triton = True
         warnings.warn(
             f"r7b_fast.kernels: backend='auto' runs the torch twins: {_no_triton_message(err)}",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
-    return "torch"
+
+
+# A CUDA machine without triton: say so once now, so that a model that only ever runs compiled
+# (where resolve_backend cannot warn) is told too. CPU-only machines lose nothing: no warning.
+if _triton_error is not None and torch.cuda.is_available():
+    _warn_once(_triton_error)

@@ -8,7 +8,8 @@ triton does. It runs both twins forward + backward and a tiny Cohere2 forward th
 `varlen_attention` on inputs this process saved, and saves the results; this process (triton
 installed) computes the same with backend="torch" and compares. Then the child turns
 TRITON_INTERPRET on (a CPU stand-in for "CUDA tensors, so auto would pick Triton"): "auto" must
-warn once and still give the torch result, "triton" must raise.
+give the torch result, also under torch.compile(fullgraph=True) (no import traced), and warn once
+(at the first eager call: dynamo cannot trace a warning); "triton" must raise.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ report["calls"] = dict(calls)
 os.environ["TRITON_INTERPRET"] = "1"  # tensors that would go to Triton: auto must fall back
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
+    attend = lambda q, k, v: varlen_attention(q, k, v, inp["cu"], 33, window=5)
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out["compiled"] = compiled(inp["q"], inp["k"], inp["v"])  # auto -> torch, traced
     out["interp_auto"] = run_twins(inp, "auto")
     run_twins(inp, "auto")
 report["warnings"] = [str(w.message) for w in caught]
@@ -140,5 +144,37 @@ def test_without_triton_everything_imports_and_the_twins_run(tmp_path):
             for a, b in zip(got[key][name], want[name]):
                 # same code and inputs in two processes: equal up to thread-count reductions
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # compiled (banded path, auto resolved to torch while tracing) vs eager here (planner)
+    torch.testing.assert_close(got["compiled"], want["attn"][0], rtol=1e-5, atol=1e-5)
     model_logits = run_model(inp["ids"], inp["pos"], "torch")
     torch.testing.assert_close(got["model"], model_logits, rtol=1e-5, atol=1e-5)
+
+
+CUDA_CHILD = r"""
+import importlib.abc, json, sys, warnings
+
+class _NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoTriton())
+import torch
+torch.cuda.is_available = lambda: True  # a CUDA machine without triton
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import r7b_fast.kernels._backend
+print(json.dumps([str(w.message) for w in caught]))
+"""
+
+
+def test_cuda_machine_without_triton_warns_at_import():
+    """A model that only ever runs compiled cannot warn from resolve_backend (dynamo cannot trace
+    a warning), so a CUDA machine without triton is told once when the kernels are imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", CUDA_CHILD], capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    messages = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(messages) == 1 and "triton is not importable" in messages[0], messages
