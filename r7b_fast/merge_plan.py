@@ -199,10 +199,9 @@ class MethodPlan:
         self.divisor = _f32(s) if normalize and abs(s) >= 1e-8 else 1.0
 
     def task(self, name: str, shape: tuple) -> tuple[list[float], tuple]:
-        if self.method == "slerp":
-            rows = shape[0] if shape and shape[0] > 0 else 1  # mergekit: rows of the leading axis
+        if self.method == "slerp":  # mergekit-yaml: one angle per tensor (the engine's 1 row)
             return [0.0, 0.0], (_SLERP, _KEEP_ALL, False, False, False, 1.0, [1.0, 1.0], [],
-                                rows, self.t)  # fmt: skip
+                                1, self.t)  # fmt: skip
         sparsify, consensus, _, _ = GTA_METHODS[self.method]
         keys = []
         if sparsify == _RANDOM:
@@ -245,10 +244,11 @@ def method_plan(method, n_models, weights, base_index, normalize=None, density=N
     - rescale (default false for ties, true for dare_*): mergekit's L1 rescale, kept tau_j *
       (||tau_j||_1 / ||kept tau_j||_1) per tensor (fp64 sums in element order, factor rounded
       to fp32; none when either norm < 1e-7) -- E[factor] ~ 1/density, the DARE paper's rescale.
-    - slerp: base and one other model, t in [0, 1]; per row of the leading axis (a 1-d tensor:
-      per element; 0-d: one row): norms and dot in fp64, norms <= 1e-8 read as 1, cos clamped
-      to [-1, 1]; |cos| > 0.9995: lerp (1 - t, t), else (sin((1-t) theta), sin(t theta)) /
-      sin(theta); those fp32 coefficients c0, c1 give fma(c1, other, c0 * base) per element.
+    - slerp: base and one other model, t in [0, 1]; per tensor, on the flattened vectors (as
+      mergekit-yaml feeds its slerp): norms and dot in fp64 (element order), norms <= 1e-8 read
+      as 1, cos = dot / (|a| |b|) clamped to [-1, 1]; |cos| > 0.9995: lerp (1 - t, t), else
+      (sin((1-t) theta), sin(t theta)) / sin(theta); with those coefficients rounded to fp32,
+      c0 and c1, each element is fma(c1, other, c0 * base) in fp32.
 
     Raises MergeError naming the parameter."""
     if method not in GTA_METHODS and method != "slerp":

@@ -109,7 +109,7 @@ def slerp_coefs(sxx, syy, sxy, t):
 
 
 def ref_slerp(x, y, t) -> np.ndarray:
-    rows = x.shape[0] if x.ndim and x.shape[0] > 0 else 1
+    rows = 1  # one angle per tensor
     a = x.reshape(rows, -1).astype(np.float64)
     b = y.reshape(rows, -1).astype(np.float64)
     if a.size == 0:
@@ -200,10 +200,9 @@ def test_gta_bytes_equal_numpy_reference(tmp_path, method, kw, _, in_dtype, out_
 @pytest.mark.parametrize("dtype", ["BF16", "F32"])
 def test_slerp_bytes_equal_numpy_reference(tmp_path, t, dtype):
     paths, values = make(tmp_path, 2, dtype, seed=5)
-    x = values[0]["m"]
-    values[1]["m"][1] = exact(x[1] * np.float32(2), dtype)  # a colinear row: lerp
-    values[1]["m"][2] = -x[2]  # an antipodal row: lerp
-    values[0]["m"][3] = 0  # a zero row: norm read as 1, theta = pi/2
+    values[1]["v"] = exact(values[0]["v"] * np.float32(2), dtype)  # colinear: lerp
+    values[1]["r"] = -values[0]["r"]  # antipodal: lerp
+    values[0]["s"] = np.zeros((), np.float32)  # zero: norm read as 1, theta = pi/2
     for k in range(2):  # rewritten as single files
         shutil.rmtree(paths[k])
         write_model(paths[k], {nm: (dtype, v) for nm, v in values[k].items()})
@@ -212,6 +211,8 @@ def test_slerp_bytes_equal_numpy_reference(tmp_path, t, dtype):
     check(tmp_path / "o", want, dtype)
     if t == 0.0:  # t = 0 is the base, t = 1 the other model (row coefficients exactly 1 and 0)
         assert read_raw(tmp_path / "o")["m"][2] == read_raw(paths[0])["m"][2]
+    if t == 0.3:  # the zero base: sin(0.3 pi/2) * other, not the lerp 0.3 * other
+        assert want["s"] == np.float32(math.sin(0.3 * math.pi / 2)) * values[1]["s"]
 
 
 @pytest.mark.parametrize("method,kw", [("ties", dict(density=0.3)), ("dare_ties", dict(density=0.5)),
