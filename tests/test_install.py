@@ -174,9 +174,12 @@ assert torch.isfinite(loss) and sum(calls.values()) > 0, calls
 assert main(["--out", str(tmp / "merged"), "--model", str(dirs[0]),
              "--model", f"{dirs[1]}:0.3"]) == 0
 from r7b_fast import eval as ev
+from r7b_fast.data.sources import read_records
 from r7b_fast.logging import MetricsLogger
+(tmp / "rows.jsonl").write_text('{"messages": []}')
 for make in (lambda: MetricsLogger(tmp, enabled=True, tensorboard=True, progress_bar=False),
-             lambda: ev.plot_accuracy([("base", {"acc/mean": 0.5})], tmp / "a.png")):
+             lambda: ev.plot_accuracy([("base", {"acc/mean": 0.5})], tmp / "a.png"),
+             lambda: read_records(tmp / "rows.jsonl")):
     try:
         make()
         raise SystemExit("an extra-only feature ran without its extra")
@@ -189,8 +192,8 @@ print("core ok", sorted(m for m in BLOCKED if sys.modules.get(m) is not None))
 def test_core_works_without_the_extras():
     """The core dependencies are enough for the kernels, `apply_kernels` (a patched forward and
     backward that runs our kernels) and the merge CLI: the extras' packages are made
-    unimportable in a fresh interpreter. TensorBoard logging and plots (the `train` extra) then
-    fail with an ImportError that names the extra."""
+    unimportable in a fresh interpreter. TensorBoard logging, plots and reading data files (the
+    `train` extra) then fail with an ImportError that names the extra."""
     r = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True,
                        timeout=300, cwd=REPO)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -81,7 +81,10 @@ def _read_jsonl_lines(path: Path) -> list:
 def read_records(path):
     """All records of one source as a list of Python objects (dicts; None for an unparseable
     JSONL line), or the `DatasetDict` of a saved multi-split directory."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:  # the `train` extra, not a core dependency
+        raise ImportError("reading data files needs datasets: pip install 'r7b-fast[train]'") from e
 
     path = Path(path)
     if path.is_dir():
