@@ -6,7 +6,7 @@
 
 `input_ids`/`position_ids` are [B, T] rows of sequences packed back to back, `position_ids`
 restarting at 0 at each sequence (B is usually 1). `packed_kwargs` computes `cu_seqlens` and
-`max_seqlen` once per batch (one host sync) under the names transformers already forwards from
+`max_seqlen` once per batch (one host sync; none when the caller gives both) under the names transformers already forwards from
 `model(**kwargs)` through every decoder layer to the attention function (`cu_seq_lens_q/_k`,
 `max_length_q/_k`, part of `TransformersKwargs` in 5.x); without them every layer derives them
 from `position_ids` itself (correct, slower). Sliding-window layers pass their window as the
@@ -108,7 +108,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
                              scaling=None, sliding_window=None, **kwargs):  # fmt: skip
     """transformers attention function: query [B, Hq, S, D], key/value [B, Hk, S, D] ->
     ([B, S, Hq, D], None). Uses cu_seq_lens_q/max_length_q from kwargs when given, else
-    position_ids; falls back to SDPA for a padding mask or a KV cache (see the module doc)."""
+    position_ids; falls back to SDPA for a padding mask or a KV cache (see the module doc).
+    q/k/v run in one dtype (`_common_dtype`); the output has that dtype."""
     B, Hq, S, D = query.shape
     if attention_mask is not None or key.shape[2] != S:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -121,7 +121,8 @@ def train_and_eval(trainer):
 def assert_metrics_equal(got, want, rtol):
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=rtol)
     assert got["eval_tokens"] == want["eval_tokens"] > 0
-    assert got["eval_accuracy"] == want["eval_accuracy"]
+    # argmax of two logits tied to fp32 rounding may flip: at most one token of difference
+    assert abs(got["eval_accuracy"] - want["eval_accuracy"]) <= 1 / want["eval_tokens"]
 
 
 @pytest.mark.parametrize("collator", ["padded", "flat"])
