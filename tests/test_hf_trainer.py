@@ -203,3 +203,25 @@ def test_apply_kernels_after_trainer_built_and_trained(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fresh(**batch).loss.item() == out.loss.item()  # accelerate's autocast was kept
     assert fresh(**batch).loss.item() != out.loss.item()  # (fp32 differs: the check can fail)
+
+
+def test_trainer_peft_lora_patched_after_construction(tmp_path):
+    """A LoRA PeftModel in the Trainer, patched after the Trainer exists (the base model inside
+    is patched): the same losses as the unpatched LoRA run, our kernels on every step."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora(model):
+        torch.manual_seed(1)  # init_lora_weights=False: the adapter changes the outputs
+        cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                         target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # fmt: skip
+        return get_peft_model(model, cfg)
+
+    want, want_metrics, _, _ = train_and_eval(make_trainer(lora(llama()), "flat", tmp_path / "a"))
+    model = lora(llama())
+    trainer = make_trainer(model, "flat", tmp_path / "b")
+    apply_kernels(model, backend="torch")
+    got, metrics, per_step, _ = train_and_eval(trainer)
+    assert got == pytest.approx(want, rel=FP32_RTOL)
+    assert_metrics_equal(metrics, want_metrics, FP32_RTOL)
+    assert all(s.get("linear_logprobs:torch") == GA for s in per_step)
+    assert all(s.get("varlen_attention:torch") == GA * 2 for s in per_step)
