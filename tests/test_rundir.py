@@ -325,3 +325,42 @@ def test_pipeline_kill9_kills_its_trainer(tmp_path):
             proc.wait()
         if trainer is not None and _alive(trainer):
             os.kill(trainer, signal.SIGKILL)
+
+
+def test_resumed_at_keeps_each_step_once_in_metrics_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from r7b_fast.logging import MetricsLogger
+
+    first = MetricsLogger(tmp_path, enabled=True, tensorboard=True, progress_bar=False)
+    for step in range(1, 6):  # an attempt killed after step 5, its last checkpoint at step 2
+        first.log(step, {"loss": float(step)})
+    first.close()
+    second = MetricsLogger(tmp_path, enabled=True, tensorboard=True, progress_bar=False)
+    second.event("resume", step=2)
+    second.resumed_at(2)
+    for step in range(3, 7):
+        second.log(step, {"loss": 10.0 + step})
+    second.close()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 16.0)]  # fmt: skip
+    assert len(events(tmp_path, "resume")) == 1  # events are kept
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 16.0)]  # fmt: skip
+
+
+def test_fingerprint_ignores_result_neutral_keys_only():
+    from r7b_fast import rundir
+
+    base = load_config("sft_tiny", ["run.output_dir=x"])
+    fp = rundir.fingerprint(base)
+    for neutral in ("logging.every_steps=7", "checkpoint.every_steps=3", "run.cpu_threads=2",
+                    "run.output_dir=y", "debug.step_sleep=0.5", "model.kernel_backend=torch"):  # fmt: skip
+        cfg = load_config("sft_tiny", ["run.output_dir=x", neutral])
+        assert rundir.fingerprint(cfg) == fp, neutral
+    for key, value in (("optim.lr", "1e-3"), ("optim.beta2", "0.9"), ("data.max_tokens", "64"),
+                       ("model.dtype", "bfloat16"), ("dpo.beta", "0.5"), ("run.seed", "3")):  # fmt: skip
+        cfg = load_config("sft_tiny", ["run.output_dir=x", f"{key}={value}"])
+        assert list(rundir.diff(fp, rundir.fingerprint(cfg))) == [key]
