@@ -14,6 +14,7 @@ import pytest
 import torch
 from _train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import r7b_fast.hf_attention as hfa
 from r7b_fast.kernels import kernel_calls
@@ -146,8 +147,7 @@ def test_llama_attention_one_dtype_under_autocast_matches_sdpa():
         with kernel_calls() as calls:
             got = ours(batch["input_ids"], position_ids=batch["position_ids"]).logits[0].float()
         want = torch.cat([ref(s[None]).logits[0].float() for s in ids.split(LENS)])
-        fp32_check = torch.autocast("cpu", enabled=False)
-        with fp32_check:
+        with torch.autocast("cpu", enabled=False):
             exact = torch.cat([ref(s[None]).logits[0] for s in ids.split(LENS)])
     assert calls["varlen_attention:torch"] == 2
     # bf16: 8 mantissa bits, 2^-8 relative per rounding, a few roundings deep
@@ -158,7 +158,9 @@ def test_llama_attention_one_dtype_under_autocast_matches_sdpa():
     module = ours.model.layers[0].self_attn
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = hfa.varlen_attention_forward(module, q, k, v, None, scaling=0.25)
+        ref_out, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)
     assert out.dtype == torch.bfloat16
+    assert (out.float() - ref_out.float()).abs().max() <= 2e-2 * ref_out.float().abs().max()
 
 
 def mistral():
