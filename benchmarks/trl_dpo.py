@@ -17,7 +17,8 @@ models) and runs `--steps` optimizer steps; the first step of a round (optimizer
 compilation) is not timed. Step time = `on_step_begin` .. `on_step_end` (CUDA synchronised):
 forward + backward + optimizer over the step's micro-batches (collation is the dataloader's).
 tokens/s counts real tokens (TRL's `num_tokens`: chosen + rejected, no padding), the same for
-every variant. Peak memory: CUDA `max_memory_allocated` during `train()` minus what was allocated
+every variant; tokens_per_cpu_s divides by the process CPU time instead (steadier on a shared
+CPU). Peak memory: CUDA `max_memory_allocated` during `train()` minus what was allocated
 before; on the CPU the peak RSS (sampled every 2 ms) during `train()` minus the RSS before.
 The learning rate defaults to 0 (the optimizer does its work, the weights stay), so every step
 of every variant sees the same model and the losses must agree (`compare` in the JSON).
@@ -137,15 +138,16 @@ def step_timer(device):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self._t0 = [], None
+            self.times, self.cpu_times, self._t0 = [], [], None
 
         def on_step_begin(self, *a, **k):
             sync(device)
-            self._t0 = time.perf_counter()
+            self._t0 = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a, **k):
             sync(device)
-            self.times.append(time.perf_counter() - self._t0)
+            self.times.append(time.perf_counter() - self._t0[0])
+            self.cpu_times.append(time.process_time() - self._t0[1])
 
     return StepTimer()
 
@@ -209,7 +211,7 @@ def run_round(variant, models, data, tok, args, device, dtype):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     tokens = np.diff([0.0] + [h["num_tokens"] for h in logs])
     del trainer
-    return {"times": timer.times[1:], "tokens": tokens[1:].tolist(),
+    return {"times": timer.times[1:], "cpu_times": timer.cpu_times[1:], "tokens": tokens[1:].tolist(),
             "losses": [h["loss"] for h in logs], "extra_bytes": extra, "liger_modules": liger,
             "kernel_calls": {k: v for k, v in calls.items() if ":" in k}}  # fmt: skip
 
@@ -220,6 +222,8 @@ def summarise(variant, rounds, args):
     row = {"arch": args.arch, "variant": variant, "steps_timed": len(times)}
     if times:
         row["tokens_per_s"] = sum(tokens) / sum(times)
+        # process CPU time (all threads): on a shared CPU, less sensitive to other jobs' load
+        row["tokens_per_cpu_s"] = sum(tokens) / sum(t for r in rounds for t in r["cpu_times"])
         row["step_ms_median"] = 1e3 * float(np.median(times))
     row["peak_extra_gib"] = max(r["extra_bytes"] for r in rounds) / 2**30
     row["loss_first"] = rounds[0]["losses"][0]
@@ -279,8 +283,10 @@ def compare(payload, results, tol):
     gap = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12)))
     speed = {r["variant"]: r.get("tokens_per_s") for r in payload["rows"]}
     ratio = speed["ours"] / speed["trl"] if speed.get("ours") and speed.get("trl") else None
+    cpu = {r["variant"]: r.get("tokens_per_cpu_s") for r in payload["rows"]}
+    cpu_ratio = cpu["ours"] / cpu["trl"] if cpu.get("ours") and cpu.get("trl") else None
     payload["compare"] = {"loss_max_rel_gap": gap, "loss_ok": gap <= tol,
-                          "speedup_ours_vs_trl": ratio}  # fmt: skip
+                          "speedup_ours_vs_trl": ratio, "cpu_time_speedup": cpu_ratio}  # fmt: skip
     if payload["dtype"] == str(torch.bfloat16):  # the headline rows of a GPU run
         from benchmarks._common import goal_row
 
@@ -293,7 +299,7 @@ def compare(payload, results, tol):
 
 
 def table(payload) -> str:
-    cols = ["arch", "variant", "tokens_per_s", "step_ms_median", "peak_extra_gib", "loss_first",
+    cols = ["arch", "variant", "tokens_per_s", "tokens_per_cpu_s", "step_ms_median", "peak_extra_gib", "loss_first",
             "steps_timed", "liger_modules", "kernel_calls"]  # fmt: skip
     md = markdown_table(payload["rows"], cols)
     if payload.get("compare"):

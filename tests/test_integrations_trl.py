@@ -120,8 +120,18 @@ def assert_kernels_ran(calls, model):
     "make_model,data_kind,cfg",
     [
         (cohere, "prompt_completion", dict(learning_rate=0.5)),
-        (llama, "prompt_completion", dict(learning_rate=0.5, loss_type="dft")),
-        (cohere, "text", dict(learning_rate=0.5, packing=True, max_length=48)),
+        pytest.param(
+            llama,
+            "prompt_completion",
+            dict(learning_rate=0.5, loss_type="dft"),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            cohere,
+            "text",
+            dict(learning_rate=0.5, packing=True, max_length=48),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["cohere-completion_only", "llama-dft", "cohere-packed_text"],
 )
@@ -151,7 +161,12 @@ DPO_METRICS = ["loss", "grad_norm", "num_tokens", "logps/chosen", "logps/rejecte
                "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(DPO_CASES))
+SLOW_DPO = {"sigmoid-ref_model", "hinge+sft-precomputed", "sigmoid_norm-llama"}  # ~15-20 s each
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_DPO else []) for c in DPO_CASES]
+)
 def test_dpo_matches_trl(tmp_path, tok, case):
     cfg = dict(DPO_CASES[case], learning_rate=0.5, max_length=40, beta=0.1)
     make = llama if "llama" in case else cohere
@@ -192,6 +207,7 @@ REFUSED = [
     ("dpo", dict(use_liger_kernel=True), {}, "use_liger_kernel"),
     ("sft", dict(packing=True, packing_strategy="wrapped"), {}, "packing_strategy"),
     ("sft", dict(label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
+    ("dpo", dict(torch_compile=True), {}, "torch_compile"),
     ("sft", {}, dict(compute_metrics=lambda p: {}), "compute_metrics"),
     ("sft", {}, dict(data_collator=lambda rows: rows), "data_collator"),
     ("dpo", dict(loss_type=["exo_pair"], label_smoothing=1e-3), {}, "loss_type"),

@@ -45,7 +45,10 @@ def check_training_args(args, kind: str, *, data_collator, compute_metrics,
     if getattr(args, "label_smoothing_factor", 0):
         refuse("label_smoothing_factor", args.label_smoothing_factor,
                "label smoothing needs the full logits")  # fmt: skip
-    if not _warned.__contains__(kind):
+    if getattr(args, "torch_compile", False):
+        refuse("torch_compile", True, "the per-forward check that our kernels ran (kernel_calls) "
+               "cannot see inside a compiled graph; train eagerly")  # fmt: skip
+    if kind not in _warned:
         _warned.add(kind)
         logger.warning(
             "r7b_fast %s trainer: TRL's metrics %s are not logged (they need the full logits, "

@@ -30,8 +30,8 @@ logps/{chosen,rejected}, num_tokens. Not logged: TRL's entropy, logits/*, mean_t
 Refused at construction with a ValueError naming the option (the full list is in
 `_trl_common.check_training_args`, `SFTTrainer._check` and `DPOTrainer._check`):
 use_liger_kernel, a custom data_collator, compute_metrics / preprocess_logits_for_metrics /
-compute_loss_func, label_smoothing_factor, vision datasets, models apply_kernels does not support;
-SFT packing_strategy="wrapped"; DPO loss types other than the above, ld_alpha,
+compute_loss_func, label_smoothing_factor, torch_compile, vision datasets, models apply_kernels
+does not support; SFT packing_strategy="wrapped"; DPO loss types other than the above, ld_alpha,
 f_divergence_type != "reverse_kl", use_weighting, label_smoothing without a loss type that uses
 it. Everything else passes through to TRL (padding_free / pad_to_multiple_of do not matter: rows
 are always packed, which gives the padded result; gradient checkpointing, PEFT, sync_ref_model,
