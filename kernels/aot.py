@@ -12,7 +12,17 @@ Under the Triton interpreter (TRITON_INTERPRET=1, how tests run kernels on the C
 builds interpreter objects that cannot be compiled, so `compile_in_subprocess` compiles a list of
 `AotSpec`s in a fresh Python with the interpreter off; it is what tests and CI call:
 
-    python -m r7b_fast.kernels.aot            # every kernel's GPU configs (each module's AOT_SPECS)
+    python -m r7b_fast.kernels.aot            # every kernel, local Triton + the GPU image's
+    python -m r7b_fast.kernels.aot --triton 3.6.0   # only the GPU image's Triton
+
+What the GPU builds depends on the Triton version (3.6 in the GPU image; the venv may hold a newer
+one): `compile_in_subprocess(..., triton_version="3.6.0")` installs that version once into
+`~/.cache/r7b-fast/triton-<version>` (`pip install --no-deps --target`, network to PyPI) and puts
+it first on the subprocess's sys.path; every report names the Triton that produced it. A spec
+lists the JIT's specialisation at the real shape (`divisible`) and one spec per autotune candidate
+(each module's AOT_SPECS), and `pipelined=True` for kernels whose main loop must be software
+pipelined: `problems()` then flags PTX without `cp.async` (the async copies the pipeliner emits;
+`cp.async.bulk` is TMA), as it flags spills, stack frames and shared memory over 227 KB.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 HOPPER_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+GPU_TRITON_VERSION = "3.6.0"  # the GPU image's Triton (see benchmarks/make_wheels.sh)
+SIDE_TRITON_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "r7b-fast")
 
 
 @dataclass
@@ -38,13 +50,24 @@ class KernelReport:
     shared_bytes: int
     wgmma: bool
     ptx: str
+    cp_async: bool = False  # async global->shared copies (cp.async, or cp.async.bulk = TMA)
+    tma: bool = False  # cp.async.bulk (Hopper's tensor memory accelerator)
+    pipelined: bool = False  # the spec expects a software-pipelined main loop
+    triton_version: str = ""
 
     def problems(self) -> list[str]:
         out = []
         if self.spills:
             out.append(f"{self.name}: {self.spills} bytes of local memory (register spills)")
+        if self.stack:  # a stack frame lives in local memory: as slow as a spill
+            out.append(f"{self.name}: {self.stack} bytes of stack frame")
         if self.shared_bytes > HOPPER_SMEM_LIMIT:
             out.append(f"{self.name}: {self.shared_bytes} B shared memory > {HOPPER_SMEM_LIMIT}")
+        if self.pipelined and not self.cp_async:
+            out.append(
+                f"{self.name}: no cp.async in the PTX: the main loop is not pipelined (pointers "
+                "and strides not known divisible by 16? see AotSpec.divisible)"
+            )
         return out
 
 
@@ -65,6 +88,7 @@ def compile_for_hopper(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible: tuple[str, ...] | list[str] = (),
+    pipelined: bool = False,
 ) -> KernelReport:
     """Compile `fn` (a `@triton.jit` function) for sm_90 and read its resource usage.
 
@@ -72,7 +96,8 @@ def compile_for_hopper(
     'constexpr'); `constexprs` gives the constexpr values. `divisible` names the arguments the
     JIT would specialise as multiples of 16 at the real shape (16-byte-aligned pointers, sizes
     and strides divisible by 16): without it loads cannot vectorise and Triton does not pipeline
-    them (num_stages has no effect), so the report would not be what the GPU runs."""
+    them (num_stages has no effect), so the report would not be what the GPU runs. `pipelined`
+    says the main loop must be pipelined (`problems()` flags PTX without cp.async)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -110,6 +135,10 @@ def compile_for_hopper(
         shared_bytes=int(compiled.metadata.shared),
         wgmma="wgmma" in ptx,
         ptx=ptx,
+        cp_async="cp.async" in ptx,
+        tma="cp.async.bulk" in ptx,
+        pipelined=pipelined,
+        triton_version=triton.__version__,
     )
 
 
@@ -124,6 +153,7 @@ class AotSpec:
     num_stages: int = 3
     label: str = ""
     divisible: list[str] = field(default_factory=list)  # see compile_for_hopper
+    pipelined: bool = False  # the main loop must be pipelined (cp.async in the PTX)
 
 
 # Modules whose AOT_SPECS list the configurations the GPU runs.
@@ -140,6 +170,7 @@ def _compile_spec(spec: AotSpec) -> dict:
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
         divisible=spec.divisible,
+        pipelined=spec.pipelined,
     )
     out = asdict(rep)
     out.pop("ptx")
@@ -148,13 +179,43 @@ def _compile_spec(spec: AotSpec) -> dict:
     return out
 
 
-def compile_in_subprocess(specs: list[AotSpec], extra_path: list[str] | None = None) -> list[dict]:
+def side_triton(version: str = GPU_TRITON_VERSION) -> str:
+    """The directory holding Triton `version` (installed there on first use, then reused):
+    `pip install --no-deps --target SIDE_TRITON_ROOT/triton-<version> triton==<version>`.
+    The venv's own Triton is untouched. Raises RuntimeError with pip's output if the install
+    fails (no network to PyPI, no wheel for this Python): the check must not pass silently."""
+    target = os.path.join(SIDE_TRITON_ROOT, f"triton-{version}")
+    stamp = os.path.join(target, f".r7b-installed-{version}")
+    if os.path.exists(stamp):
+        return target
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", target,
+           f"triton=={version}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"could not install triton=={version} into {target} for the AOT check "
+            f"({' '.join(cmd)}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        )
+    open(stamp, "w").close()  # written last: a half-finished install is redone next time
+    return target
+
+
+def compile_in_subprocess(
+    specs: list[AotSpec],
+    extra_path: list[str] | None = None,
+    triton_version: str | None = None,
+) -> list[dict]:
     """Compile each spec for sm_90 in a fresh interpreter-free Python; one report dict per spec
-    (keys of KernelReport minus the PTX, plus `label` and `problems`), or {'label', 'error'}."""
+    (keys of KernelReport minus the PTX, plus `label` and `problems`), or {'label', 'error'}.
+    `triton_version` (e.g. GPU_TRITON_VERSION) compiles with that Triton from `side_triton`
+    instead of the venv's; each report's `triton_version` says which one ran."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join([*extra_path, env.get("PYTHONPATH", "")])
+    path = list(extra_path or [])
+    if triton_version:
+        path.insert(0, side_triton(triton_version))  # ahead of site-packages (PYTHONPATH is)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join([*path, env.get("PYTHONPATH", "")])
     payload = json.dumps([asdict(s) for s in specs])
     r = subprocess.run(
         [sys.executable, "-m", "r7b_fast.kernels.aot", "--specs", "-"],
@@ -165,7 +226,12 @@ def compile_in_subprocess(specs: list[AotSpec], extra_path: list[str] | None = N
     )
     if r.returncode != 0:
         raise RuntimeError(f"AOT compile subprocess failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    reports = json.loads(r.stdout.strip().splitlines()[-1])
+    if triton_version:  # the side directory must have won over the venv's Triton
+        got = {x["triton_version"] for x in reports if "triton_version" in x}
+        if got - {triton_version}:
+            raise RuntimeError(f"asked for Triton {triton_version}, the compile used {got}")
+    return reports
 
 
 def all_kernel_specs() -> list[AotSpec]:
@@ -181,19 +247,7 @@ def all_kernel_specs() -> list[AotSpec]:
     return specs
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--specs", help="JSON list of AotSpec dicts ('-' = stdin); default: all kernels"
-    )
-    args = ap.parse_args(argv)
-    if args.specs:
-        raw = sys.stdin.read() if args.specs == "-" else open(args.specs).read()
-        specs = [AotSpec(**d) for d in json.loads(raw)]
-    else:
-        specs = all_kernel_specs()
+def _compile_all(specs: list[AotSpec]) -> list[dict]:
     reports = []
     for spec in specs:
         try:
@@ -202,19 +256,60 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(
                 {"label": spec.label or spec.target, "error": f"{type(e).__name__}: {e}"}
             )
-    if not args.specs:
-        for r in reports:
-            if "error" in r:
-                print(f"{r['label']:<48} ERROR {r['error'][:200]}", file=sys.stderr)
-            else:
-                print(
-                    f"{r['label']:<48} regs={r['registers']:<4} spills={r['spills']:<4} "
-                    f"smem={r['shared_bytes'] // 1024}KB wgmma={r['wgmma']}",
-                    file=sys.stderr,
-                )
-    print(json.dumps(reports))
-    bad = [r for r in reports if "error" in r or r.get("problems")]
-    return 1 if bad and not args.specs else 0
+    return reports
+
+
+def _print_table(reports: list[dict], version: str) -> None:
+    print(f"== Triton {version}", file=sys.stderr)
+    for r in reports:
+        if "error" in r:
+            print(f"{r['label']:<48} ERROR {r['error'][:200]}", file=sys.stderr)
+            continue
+        print(
+            f"{r['label']:<48} regs={r['registers']:<4} spills={r['spills']:<4} "
+            f"stack={r['stack']:<4} smem={r['shared_bytes'] // 1024}KB wgmma={r['wgmma']} "
+            f"cp.async={r['cp_async']} tma={r['tma']}",
+            file=sys.stderr,
+        )
+        for p in r["problems"]:
+            print(f"    PROBLEM {p}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--specs", help="JSON list of AotSpec dicts ('-' = stdin), compiled in this process "
+        "with the importable Triton (the worker compile_in_subprocess runs)"
+    )  # fmt: skip
+    ap.add_argument(
+        "--triton",
+        help="comma-separated Tritons to compile every kernel with: 'local' (the importable one) "
+        f"and/or versions installed by side_triton; default: local, plus {GPU_TRITON_VERSION} "
+        "when local is another version (on the GPU image local is it: no install, no network)",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.specs:
+        raw = sys.stdin.read() if args.specs == "-" else open(args.specs).read()
+        print(json.dumps(_compile_all([AotSpec(**d) for d in json.loads(raw)])))
+        return 0
+    import triton
+
+    versions = args.triton.split(",") if args.triton else ["local"]
+    if not args.triton and triton.__version__ != GPU_TRITON_VERSION:
+        versions.append(GPU_TRITON_VERSION)
+    specs, out, bad = all_kernel_specs(), {}, False
+    for version in versions:
+        reports = compile_in_subprocess(
+            specs, triton_version=None if version == "local" else version
+        )
+        name = next((r["triton_version"] for r in reports if "triton_version" in r), version)
+        _print_table(reports, name)
+        out[name] = reports
+        bad |= any("error" in r or r.get("problems") for r in reports)
+    print(json.dumps(out))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
