@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -194,6 +196,12 @@ def _participants(paths: list[Path], base, weights, method: str):
             f"models: at most {MAX_SOURCES} sources (base included), got {len(everyone)}"
         )
     base_index = everyone.index(base_path) if base_path is not None else None
+    if weights is not None and (
+        not isinstance(weights, (list, tuple))
+        or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in weights)
+        or not all(math.isfinite(x) for x in weights)
+    ):
+        raise MergeError(f"weights must be a list of finite numbers, got {weights!r}")
     w = None if weights is None else [float(x) for x in weights]
     if w is not None and len(w) != len(paths):
         raise MergeError(f"weights: got {len(w)} for {len(paths)} models")

@@ -11,6 +11,8 @@ re-exports the public names); must not import torch.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import struct
 
@@ -211,7 +213,7 @@ class MethodPlan:
 
 
 def _number(x, what: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or abs(x) == float("inf"):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
         raise MergeError(f"{what} must be a finite number, got {x!r}")
     return float(x)
 
