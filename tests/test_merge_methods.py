@@ -249,7 +249,7 @@ def test_dare_seed_reproducible_and_drop_rate(tmp_path):
     (dict(method="ties", base=0, density=1.5), r"density must be in \(0, 1\]"),
     (dict(method="ties", base=0, density=[0.5]), "density: got 1 for 2 models"),
     (dict(method="ties", base=0, density="0.5"), "density must be a finite number"),
-    (dict(method="dare_ties", base=0, weights=[1.0, float("nan")]), "weights must be a finite"),
+    (dict(method="dare_ties", base=0, weights=[1.0, float("nan")]), "weights must be a list of finite"),
     (dict(method="dare_linear", base=0, seed=-1), "seed must be an integer"),
     (dict(method="dare_linear", base=0, seed=True), "seed must be an integer"),
     (dict(method="ties", base=0, t=0.5), "t applies to slerp only"),
