@@ -21,6 +21,11 @@ and raises ConfigError naming every differing key (old -> new) otherwise, includ
 `checkpoint.resume=false` into a directory holding a previous run. `commit(...)` then applies
 the decision (removals, config.yaml, run.json) once the data and model are validated.
 
+The trainer's order (r7b_fast.train.run): resolve `model.path` (`resolve_model_path`), load the
+tokenizer (`tokenizer_source`), `check_model`, `lock_and_check`, build the data rows (events
+held by `Deferred`), then `commit`; a finished run with the same fingerprint stops at
+`already_done`. A deliberate change is listed in `run.allow_changes` (`allowed`).
+
 Lock (`RunLock`): `out/.lock`, an fcntl.flock held by the live trainer (rank 0 only) for its
 whole run; it records pid, host and start time for the refusal message. The kernel drops a
 flock when its process dies, so a lock left by a killed trainer is taken over silently.

@@ -364,3 +364,17 @@ def test_fingerprint_ignores_result_neutral_keys_only():
                        ("model.dtype", "bfloat16"), ("dpo.beta", "0.5"), ("run.seed", "3")):  # fmt: skip
         cfg = load_config("sft_tiny", ["run.output_dir=x", f"{key}={value}"])
         assert list(rundir.diff(fp, rundir.fingerprint(cfg))) == [key]
+
+
+def test_nan_advice_resume_with_lower_lr_works(tmp_path):
+    """The NonFiniteError message's advice, followed literally, continues the run at the new lr."""
+    out = tmp_path / "sft"
+    const = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.max_steps=4",
+             "checkpoint.every_steps=2"]  # fmt: skip
+    with pytest.raises(train.NonFiniteError, match=r"run.allow_changes=\[optim.lr\]") as e:
+        run(out, *const, "optim.lr=1e-2", "debug.nan_at_step=3")
+    assert "optim.lr=<new>" in str(e.value)
+    run(out, *const, "optim.lr=1e-3", "run.allow_changes=[optim.lr]")  # debug.*: neutral
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3], rel=1e-12)
