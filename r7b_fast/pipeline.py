@@ -202,9 +202,15 @@ def run_merge(st: Stage, d: Path, ctx: Context) -> dict:
         weights = [1.0 / len(models)] * len(models)
     else:
         weights = [w / sum(weights) for w in weights]
+    method, kw = s.get("method", "linear"), {}
+    if method != "linear":  # ties / dare_* / slerp: the base and parameters from the spec
+        kw = dict(s.get("params") or {}, base=str(ctx.model(s["base"])))
+        weights = None if method == "slerp" else weights
     summary = merge_checkpoints([str(m) for m in models], d / "hf", weights=weights,
-                                method="linear", overwrite=True, progress=False)  # fmt: skip
+                                method=method, overwrite=True, progress=False, **kw)  # fmt: skip
     out = {"models": s["models"], "weights": weights, "seconds": summary.get("seconds")}
+    if method != "linear":
+        out.update(method=method, params=s.get("params"), base=s["base"])
     if scores is not None:
         out.update(scores=scores, metric=s["metric"])
     return out

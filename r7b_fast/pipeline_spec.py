@@ -30,9 +30,9 @@ TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_override
 SECTION_KEYS = {
     "base": {"path", "tiny_overrides", "pretrain"},
     "data": {"n_train", "n_eval", "difficulty", "system"},
-    "sft": {"config", "experts", "merge_weights", "ablation", "ablation_metric"},
-    "dpo": {"config", "families", "files", "overrides", "merge_weights"},
-    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights"},
+    "sft": {"config", "experts", "merge_weights", "merge", "ablation", "ablation_metric"},
+    "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge"},
+    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"},
     "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
 }
 
@@ -105,15 +105,61 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     _check_data(spec["data"])
     _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
+    _check_merge("sft.merge", spec["sft"].get("merge"), len(experts), base_listed=False)
     for sec in ("dpo", "online_dpo"):
         if spec[sec]:
             _check_weights(f"{sec}.merge_weights", spec[sec].get("merge_weights"), 2)
+            _check_merge(f"{sec}.merge", spec[sec].get("merge"), 2, base_listed=True)
     rounds = spec["online_dpo"].get("rounds", 1)
     if spec["online_dpo"] and (not isinstance(rounds, int) or rounds < 1):
         raise PipelineError(f"online_dpo.rounds: must be an int >= 1, got {rounds!r}")
     abl = spec["sft"].get("ablation")
     if abl not in (None, "performance"):
         raise PipelineError(f"sft.ablation: must be null or 'performance', got {abl!r}")
+    return spec
+
+
+MERGE_PARAMS = {"density", "t", "seed", "normalize", "rescale"}
+
+
+def _check_merge(key: str, m, n_models: int, base_listed: bool) -> None:
+    """`<section>.merge`: null (linear) or {method: one of r7b_fast.merge_plan.METHODS, and the
+    method's parameters among MERGE_PARAMS}. ties / dare_* / slerp use the model the section's
+    models were trained from as the base (sft: the base model, not among the experts; dpo /
+    online_dpo: the second merged model). Checked with the merge's own validation."""
+    if m is None:
+        return
+    _check_keys(key, m, {"method", *MERGE_PARAMS})
+    from r7b_fast.merge_plan import METHODS, WEIGHTED_SUMS, MergeError, method_plan
+
+    method = m.get("method")
+    if method not in METHODS:
+        raise PipelineError(f"{key}.method: must be one of {list(METHODS)}, got {method!r}")
+    params = {k: v for k, v in m.items() if k != "method"}
+    if method in WEIGHTED_SUMS:
+        if set(params) - {"normalize"}:
+            raise PipelineError(f"{key}: {method} takes only `normalize`, got {sorted(params)}")
+        return
+    n = n_models if base_listed else n_models + 1  # participants, base included
+    if isinstance(params.get("density"), list) and not base_listed:
+        params["density"] = [*params["density"], 1.0]  # the base's (unused), as merge.py pads
+    if method == "slerp" and n != 2:
+        raise PipelineError(f"{key}: slerp merges the base with exactly one model, got {n - 1}")
+    try:
+        method_plan(method, n, None, n - 1, **params)
+    except MergeError as e:
+        raise PipelineError(f"{key}: {e}") from e
+    except TypeError as e:
+        raise PipelineError(f"{key}: {e}") from e
+
+
+def _merge_spec(models: list[str], weights, merge: dict | None, base: str) -> dict:
+    """A merge stage's spec: models + weights, plus method / params / base for anything but
+    linear (absent for linear, so the stage hashes of linear merges are unchanged)."""
+    spec = {"models": models, "weights": weights}
+    if merge and merge.get("method", "linear") != "linear":
+        params = {k: v for k, v in merge.items() if k != "method"}
+        spec.update(method=merge["method"], params=params, base=base)
     return spec
 
 
@@ -284,14 +330,15 @@ def _sft_stages(g: _StageList, sft: dict, model: str) -> str:
             name, sft["config"], model, files, e.get("overrides"), f"SFT expert {e['name']}"
         )
         experts.append(name)
-    g.stages.append(Stage("sft_merge", "merge", experts, {"models": experts,
-                          "weights": sft.get("merge_weights")}, label="SFT merged"))  # fmt: skip
+    spec = _merge_spec(experts, sft.get("merge_weights"), sft.get("merge"), model)
+    deps = experts + ([model] if "base" in spec else [])
+    g.stages.append(Stage("sft_merge", "merge", deps, spec, label="SFT merged"))
     g.add_eval("sft_merge", "SFT merged")
     if sft.get("ablation") == "performance":
         metric = sft.get("ablation_metric", "acc/mean")
-        deps = experts + [f"eval_{x}" for x in experts]
-        g.stages.append(Stage("sft_merge_perf", "merge", deps, {"models": experts,
-                              "weights": "performance", "metric": metric},
+        perf = {**_merge_spec(experts, "performance", sft.get("merge"), model), "metric": metric}
+        deps = experts + [f"eval_{x}" for x in experts] + ([model] if "base" in perf else [])
+        g.stages.append(Stage("sft_merge_perf", "merge", deps, perf,
                               label="SFT merged (perf-weighted)"))  # fmt: skip
         g.add_eval("sft_merge_perf", "SFT merged (perf-weighted, ablation)")
     return "sft_merge"
@@ -301,8 +348,8 @@ def _dpo_stages(g: _StageList, dpo: dict, model: str) -> str:
     """Offline DPO from `model`, merged with it; returns "dpo_merge"."""
     files = _files(g.spec, dpo, "pref")
     g.add_train("dpo", dpo["config"], model, files, dpo.get("overrides"), "offline DPO expert")
-    g.stages.append(Stage("dpo_merge", "merge", ["dpo", model], {"models": ["dpo", model],
-                          "weights": dpo.get("merge_weights")}, label="DPO merged"))  # fmt: skip
+    spec = _merge_spec(["dpo", model], dpo.get("merge_weights"), dpo.get("merge"), model)
+    g.stages.append(Stage("dpo_merge", "merge", ["dpo", model], spec, label="DPO merged"))
     g.add_eval("dpo_merge", "offline DPO merged")
     return "dpo_merge"
 
@@ -317,7 +364,7 @@ def _online_stages(g: _StageList, onl: dict, model: str) -> None:
         g.add_train(f"online_r{r}", onl["config"], prev, files, ov,
                     f"on-policy DPO round {r}", seed=g.seed + r - 1)  # fmt: skip
         prev = f"online_r{r}"
-    merge = {"models": [prev, model], "weights": onl.get("merge_weights")}
+    merge = _merge_spec([prev, model], onl.get("merge_weights"), onl.get("merge"), model)
     g.stages.append(Stage("online_merge", "merge", [prev, model], merge, label="on-policy merged"))
     g.add_eval("online_merge", "on-policy DPO merged (final)")
 

@@ -424,3 +424,73 @@ def test_mergekit_dare_statistically(tmp_path):
                         out,
                         k,
                     )
+
+
+def _pipeline_yaml(tmp: Path, **merges) -> Path:
+    import yaml
+
+    from r7b_fast.pipeline_spec import resolve_pipeline
+
+    spec = yaml.safe_load(resolve_pipeline("pipeline_demo").read_text())
+    for sec, m in merges.items():
+        spec[sec]["merge"] = m
+    (tmp / "p.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "p.yaml"
+
+
+def test_pipeline_stages_carry_method_params_and_base(tmp_path):
+    from r7b_fast.pipeline_spec import build_stages, load_pipeline
+
+    plain = {s.name: s for s in build_stages(load_pipeline(str(_pipeline_yaml(tmp_path))))}
+    y = _pipeline_yaml(tmp_path, sft={"method": "ties", "density": 0.5},
+                       dpo={"method": "slerp", "t": 0.3},
+                       online_dpo={"method": "dare_linear", "density": [0.4, 0.9], "seed": 3})  # fmt: skip
+    st = {s.name: s for s in build_stages(load_pipeline(str(y)))}
+    sft = st["sft_merge"]
+    base = next(d for d in sft.deps if d not in sft.spec["models"])  # the experts' start model
+    assert sft.spec == {**plain["sft_merge"].spec, "method": "ties", "params": {"density": 0.5},
+                        "base": base}  # fmt: skip
+    assert st["sft_merge_perf"].spec["method"] == "ties" and base in st["sft_merge_perf"].deps
+    assert st["dpo_merge"].spec["base"] == st["dpo_merge"].spec["models"][1]
+    assert st["online_merge"].spec["params"] == {"density": [0.4, 0.9], "seed": 3}
+    assert "method" not in plain["sft_merge"].spec  # linear merges: spec (and hash) unchanged
+
+
+@pytest.mark.parametrize("sec,merge,match", [
+    ("sft", {"method": "breadcrumbs"}, r"sft\.merge\.method: must be one of"),
+    ("sft", {"method": "ties", "density": 0}, r"sft\.merge: density must be in \(0, 1\]"),
+    ("sft", {"method": "ties", "lambda": 1}, r"sft\.merge: unknown keys \['lambda'\]"),
+    ("sft", {"method": "slerp", "t": 0.5}, r"sft\.merge: slerp merges the base with exactly one"),
+    ("dpo", {"method": "slerp"}, r"dpo\.merge: slerp needs t"),
+    ("dpo", {"method": "linear", "density": 0.5}, r"dpo\.merge: linear takes only `normalize`"),
+    ("online_dpo", {"method": "dare_ties", "seed": -1}, r"online_dpo\.merge: seed must be"),
+    ("online_dpo", {"method": "dare_ties", "density": [0.5]}, r"density: got 1 for 2 models"),
+])  # fmt: skip
+def test_pipeline_rejects_bad_merge_sections(tmp_path, sec, merge, match):
+    from r7b_fast.pipeline_spec import PipelineError, load_pipeline
+
+    with pytest.raises(PipelineError, match=match):
+        load_pipeline(str(_pipeline_yaml(tmp_path, **{sec: merge})))
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.4}), ("slerp", {"t": 0.7})])
+def test_pipeline_merge_stage_passes_method_through(tmp_path, method, params):
+    """run_merge with a ties / slerp stage writes exactly what merge_checkpoints writes."""
+    from r7b_fast.pipeline import Context, run_merge
+    from r7b_fast.pipeline_spec import Stage
+
+    work = tmp_path / "work"
+    models = {}
+    for k, name in enumerate(["gen", "dpo"]):
+        d = work / name / "hf"
+        d.parent.mkdir(parents=True)
+        models[name] = make(d.parent / "tmp", 1, "BF16", seed=k)[0][0].rename(d)
+    spec = {"models": ["dpo", "gen"], "weights": [0.5, 0.5], "method": method, "params": params,
+            "base": "gen"}  # fmt: skip
+    out = run_merge(Stage("m", "merge", ["dpo", "gen"], spec), tmp_path / "m",
+                    Context(spec={}, work=work, stages={}))  # fmt: skip
+    assert out["method"] == method and out["params"] == params and out["base"] == "gen"
+    weights = None if method == "slerp" else [0.5, 0.5]
+    merge_checkpoints([models["dpo"], models["gen"]], tmp_path / "direct", method=method,
+                      base=models["gen"], weights=weights, progress=False, **params)  # fmt: skip
+    assert read_raw(tmp_path / "m" / "hf") == read_raw(tmp_path / "direct")
