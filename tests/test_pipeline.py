@@ -55,6 +55,9 @@ MICRO = {
             "online.prompts_per_round": 4,
             "online.num_samples": 2,
             "online.max_new_tokens": 4,
+            # an untrained policy fails every verifier (all samples tie: the trainer exits 5);
+            # a length reward rarely ties (the trainer subprocess finds it via PYTHONPATH)
+            "online.reward": "_train_helpers:length_reward",
         },  # fmt: skip
     },
     "eval": {"families": ["arith_ar", "digits_ar"], "n_per_family": 2, "max_new_tokens": 4},
@@ -76,10 +79,19 @@ def write_spec(path: Path, work: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
+    tests_dir = str(Path(__file__).parent)  # _train_helpers, for the trainer subprocesses
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, path) if p)
     root = tmp_path_factory.mktemp("micro")
     yml = write_spec(root / "micro.yaml", root / "work")
-    out = pl.run_pipeline(pl.load_pipeline(str(yml)), log=lambda *a: None)
-    return root, yml, out
+    try:
+        out = pl.run_pipeline(pl.load_pipeline(str(yml)), log=lambda *a: None)
+        yield root, yml, out
+    finally:
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
 
 
 def read_model(hf: Path) -> dict[str, np.ndarray]:
