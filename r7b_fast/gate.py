@@ -184,8 +184,9 @@ def load_gate_spec(path_or_name: str, **overrides) -> dict:
 def _train(spec: dict, out: Path, files: list[Path]) -> Path:
     """One short SFT (the trainer's own code) on `files`; returns the HF export directory.
 
-    Cached: a finished run in `out` is reused only if its `gate_key.json` matches `cache_key`
-    (config, seed, base, overrides, data content); otherwise `out` is wiped and retrained."""
+    Cached: a run in `out` is reused (finished) or resumed (interrupted) only if its
+    `gate_key.json` matches `cache_key` (config, seed, base, overrides, data content);
+    otherwise `out` is wiped and retrained."""
     import json
     import shutil
     import subprocess
@@ -206,12 +207,14 @@ def _train(spec: dict, out: Path, files: list[Path]) -> Path:
     args = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in ov.items()]
     key = cache_key(spec, ov, files)
     key_file = out / "gate_key.json"
-    if (out / "done.json").is_file() and _read_key(key_file) == key:
-        return out / "hf"
-    if out.exists():  # another config, seed or data trained here: retrain from scratch
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    key_file.write_text(json.dumps({"key": key}))
+    if _read_key(key_file) == key:
+        if (out / "done.json").is_file():
+            return out / "hf"  # the trainer resumes an interrupted run with this key below
+    else:
+        if out.exists():  # another config, seed or data trained here: retrain from scratch
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        key_file.write_text(json.dumps({"key": key}))
     if spec.get("launcher", "inprocess") == "subprocess":
         cmd = [sys.executable, "-m", "r7b_fast.train", spec["config"], *args]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent())

@@ -262,6 +262,9 @@ def test_gate_cache_keyed_by_seed_and_data(tmp_path):
     first = tree(hf)
     done = (out / "done.json").read_bytes()
     assert gate._train(spec, out, files) == hf and (out / "done.json").read_bytes() == done
+    (out / "done.json").unlink()  # as if interrupted after its checkpoint: resumed, not wiped
+    gate._train(spec, out, files)
+    assert len(events(out, "start")) == 2 and events(out, "resume") and tree(hf) == first
     gate._train({**spec, "seed": 1}, out, files)  # 4: another seed retrains
     assert tree(hf) != first
     seed1 = tree(hf)
