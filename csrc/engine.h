@@ -66,7 +66,8 @@ struct Task {
   // kSlerp: one (coef_base, coef_other) pair per row.
   std::vector<float> thr, scale, row_coef;
   std::vector<int64_t> cut;
-  std::vector<double> dthr;  // DARE: keep iff draw < density * 2^24
+  std::vector<double> dthr;      // DARE: keep iff draw < density * 2^24 ...
+  std::vector<uint32_t> dbound;  // ... iff draw < ceil(density * 2^24)
 };
 
 // Names of the SIMD paths compiled in and supported by this CPU, best last.
@@ -106,8 +107,8 @@ class Engine {
   void compute_chunk(const Chunk& c, Slot& s);
   // Per-tensor passes of kGta / kSlerp tasks (engine_methods.cpp), before the chunk pipeline.
   void prepare();
-  void prepare_task(Task& k, std::vector<float>& scratch);
-  void prepare_gta(Task& k, std::vector<float>& scratch);
+  void prepare_task(Task& k);
+  void prepare_gta(Task& k);
   void prepare_slerp(Task& k);
   void read_floats(const Task& k, size_t j, int64_t begin, int64_t count, std::vector<char>& raw, float* dst);
   void compute_method(const Task& k, const Chunk& c, const void* const* src, char* dst);
@@ -130,6 +131,9 @@ class Engine {
   std::atomic<size_t> next_chunk_{0};
   std::exception_ptr error_;
   std::mutex err_mu_;
+  // TIES trims: |tau| of one whole tensor, shared by the prepare threads one at a time.
+  std::mutex scratch_mu_;
+  std::vector<float> scratch_;
 
   // Slot queues: `free_` slots wait for a reader, `ready_` slots for a compute thread.
   std::vector<Slot> slots_;

@@ -1,8 +1,9 @@
 // TIES / DARE / SLERP in the merge engine: the per-tensor passes that run before the chunk
 // pipeline (magnitude thresholds, L1 rescale factors, per-row SLERP coefficients) and the
 // per-chunk dispatch to the element kernels. Memory: each prepare thread holds two chunk-sized
-// fp32 buffers, and for a TIES trim one fp32 copy of |tau| of the tensor it works on (so at
-// most `threads` x the largest tensor, never the model).
+// fp32 buffers; a TIES trim needs one fp32 copy of |tau| of the whole tensor, and that buffer
+// is shared (one trim at a time, under scratch_mu_), so the engine holds at most one fp32 copy
+// of its largest trimmed tensor, whatever the thread count, never the model.
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -61,11 +62,13 @@ void Engine::read_floats(const Task& k, size_t j, int64_t begin, int64_t count, 
 // ties at the threshold broken by lower element index. One pass fills `scratch` with |tau| and
 // nth_element finds the k-th largest value `thr`; a second (streamed) pass finds the index
 // `cut` below which threshold-equal elements are kept, and the L1 sums for `rescale`.
-void Engine::prepare_gta(Task& k, std::vector<float>& scratch) {
+void Engine::prepare_gta(Task& k) {
   const size_t ns = k.src_file.size();
   const int64_t n = k.numel, step = std::max<int64_t>(1, chunk_bytes_ / 4);
   k.dthr.assign(ns, 16777216.0);
   for (size_t j = 1; j < ns; ++j) k.dthr[j] = k.density[j] * 16777216.0;
+  k.dbound.assign(ns, 0);
+  for (size_t j = 0; j < ns; ++j) k.dbound[j] = uint32_t(std::ceil(k.dthr[j]));
   k.thr.assign(ns, -INFINITY);
   k.cut.assign(ns, n);
   k.scale.assign(ns, 1.0f);
@@ -76,6 +79,8 @@ void Engine::prepare_gta(Task& k, std::vector<float>& scratch) {
     if (k.sparsify == kRandom && !k.rescale) continue;  // the drop mask needs no statistics
     int64_t need = 0;  // threshold-equal elements still to keep
     if (k.sparsify == kMagnitude) {
+      std::lock_guard<std::mutex> hold(scratch_mu_);
+      std::vector<float>& scratch = scratch_;
       const int64_t kk = std::max<int64_t>(1, int64_t(k.density[j] * double(n)));
       scratch.resize(size_t(n));
       for (int64_t b = 0; b < n; b += step) {
@@ -89,7 +94,12 @@ void Engine::prepare_gta(Task& k, std::vector<float>& scratch) {
       const int64_t above = std::count_if(scratch.begin(), scratch.end(), [&](float m) { return m > k.thr[j]; });
       need = kk - above;
     }
+    // locals, so the compiler keeps the sums in registers (the loop is latency-bound on them)
     double before = 0.0, after = 0.0;
+    const float thr = k.thr[j];
+    const uint64_t key = k.sparsify == kRandom ? k.key[j] : 0;
+    const double dthr = k.dthr[j];
+    const bool magnitude = k.sparsify == kMagnitude;
     for (int64_t b = 0; b < n && !abort_.load(); b += step) {
       const int64_t c = std::min(step, n - b);
       read_floats(k, 0, b, c, raw, fa.data());
@@ -97,25 +107,25 @@ void Engine::prepare_gta(Task& k, std::vector<float>& scratch) {
       for (int64_t i = 0; i < c; ++i) {
         const float tau = fb[i] - fa[i];
         bool keep;
-        if (k.sparsify == kMagnitude) {
+        if (magnitude) {
           const float m = trim_magnitude(tau);
-          keep = m > k.thr[j];
-          if (m == k.thr[j] && need > 0) {
+          keep = m > thr;
+          if (m == thr && need > 0) {
             keep = true;
             if (--need == 0) k.cut[j] = b + i + 1;
           }
         } else {
-          keep = double(dare_draw(k.key[j], b + i)) < k.dthr[j];
+          keep = double(dare_draw(key, b + i)) < dthr;
         }
-        before += std::fabs(double(tau));
-        if (keep) after += std::fabs(double(tau));
+        const double a = std::fabs(double(tau));
+        before += a;
+        after += keep ? a : 0.0;
       }
-      if (!k.rescale && k.sparsify == kMagnitude && need == 0) break;  // cut found, no sums needed
+      if (!k.rescale && magnitude && need == 0) break;  // cut found, no sums needed
     }
     // mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below 1e-7
     if (k.rescale && before >= 1e-7 && after >= 1e-7) k.scale[j] = float(before / after);
   }
-  if (scratch.capacity() > 0) std::vector<float>().swap(scratch);  // hold one tensor at a time
 }
 
 // SLERP coefficients of one row from its sums (fp64): mergekit's slerp with its constants
@@ -162,9 +172,9 @@ void Engine::prepare_slerp(Task& k) {
     slerp_coef(sums[size_t(r) * 3], sums[size_t(r) * 3 + 1], sums[size_t(r) * 3 + 2], k.t, &k.row_coef[size_t(r) * 2]);
 }
 
-void Engine::prepare_task(Task& k, std::vector<float>& scratch) {
+void Engine::prepare_task(Task& k) {
   if (k.method == kGta)
-    prepare_gta(k, scratch);
+    prepare_gta(k);
   else if (k.method == kSlerp)
     prepare_slerp(k);
 }
@@ -176,9 +186,8 @@ void Engine::prepare() {
   if (todo.empty()) return;
   std::atomic<size_t> next{0};
   auto work = [&] {
-    std::vector<float> scratch;
     try {
-      for (size_t i; (i = next.fetch_add(1)) < todo.size() && !abort_.load();) prepare_task(tasks_[todo[i]], scratch);
+      for (size_t i; (i = next.fetch_add(1)) < todo.size() && !abort_.load();) prepare_task(tasks_[todo[i]]);
     } catch (...) {
       fail(std::current_exception());
     }
@@ -187,6 +196,7 @@ void Engine::prepare() {
   for (int t = 1; t < std::min<int>(threads_, int(todo.size())); ++t) pool.emplace_back(work);
   work();
   for (auto& th : pool) th.join();
+  std::vector<float>().swap(scratch_);  // released before the chunk pipeline allocates
 }
 
 void Engine::compute_method(const Task& k, const Chunk& c, const void* const* src, char* dst) {
@@ -195,7 +205,7 @@ void Engine::compute_method(const Task& k, const Chunk& c, const void* const* sr
   if (k.method == kGta) {
     gta_(GtaBlock{src, k.coef.data(), int(ns), k.in_dt, k.out_dt, size_t(c.count), c.begin, dst, k.sparsify,
                   k.consensus, k.rescale, k.normalize, k.divisor, k.thr.data(), k.cut.data(), k.scale.data(),
-                  k.dthr.data(), k.key.data()});
+                  k.dbound.data(), k.key.data()});
     return;
   }
   // SLERP: each row segment of the chunk is a two-source linear combination with its row's

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace r7b {
 
@@ -37,7 +38,7 @@ using KernelFn = void (*)(const Block&);
 
 // One block of a TIES / DARE merge (Method kGta): `n` elements starting at element `first` of
 // the tensor; src[0] is the base, src[1..n_in) the experts with weights w[j]; per-expert
-// magnitude threshold thr[j] and tie cut index cut[j] (kMagnitude), DARE keep bound dthr[j] and
+// magnitude threshold thr[j] and tie cut index cut[j] (kMagnitude), DARE keep bound dbound[j] and
 // hash key key[j] (kRandom), L1 rescale factor scale[j] (when rescale).
 struct GtaBlock {
   const void* const* src;
@@ -54,7 +55,7 @@ struct GtaBlock {
   const float* thr;
   const int64_t* cut;
   const float* scale;
-  const double* dthr;
+  const uint32_t* dbound;
   const uint64_t* key;
 };
 
@@ -177,41 +178,87 @@ static inline float trim_magnitude(float tau) { return tau != tau ? INFINITY : s
 //              mixed = sum of wt_j whose sign is the elected one (zeros never count),
 //              div = sum of their w[j]; normalize: mixed /= (div == 0 ? 1 : div);
 //   otherwise: mixed = sum_j wt_j; normalize: mixed /= divisor.
+// DARE's keep(j, i) is dare_draw(key[j], i) < dbound[j] = ceil(density * 2^24) (the same as
+// draw < density * 2^24 for an integer draw). Work goes in blocks of kGtaBlock elements, one
+// source at a time, so that every inner loop is branch-free and the compiler can vectorise it
+// with the translation unit's ISA; each element still sees exactly the operations above.
+constexpr size_t kGtaBlock = 256;
+
+static inline void load_block(const void* p, int dt, size_t i0, size_t m, float* out) {
+  if (dt == kBF16) {
+    const uint16_t* q = static_cast<const uint16_t*>(p) + i0;
+    for (size_t k = 0; k < m; ++k) out[k] = bits_f32(uint32_t(q[k]) << 16);
+  } else if (dt == kF16) {
+    const uint16_t* q = static_cast<const uint16_t*>(p) + i0;
+    for (size_t k = 0; k < m; ++k) out[k] = f16_to_f32(q[k]);
+  } else {
+    std::memcpy(out, static_cast<const float*>(p) + i0, m * 4);
+  }
+}
+
+static inline void gta_expert(const GtaBlock& b, int j, int64_t g0, size_t m, const float* base,
+                              const float* x, float* wt) {
+  const float w = b.w[j], sc = b.scale[j];
+  if (b.sparsify == kMagnitude) {
+    const float thr = b.thr[j];
+    const int64_t cut = b.cut[j];
+    for (size_t k = 0; k < m; ++k) {
+      const float tau = x[k] - base[k];
+      const float mag = trim_magnitude(tau);
+      const bool keep = mag > thr || (mag == thr && g0 + int64_t(k) < cut);
+      wt[k] = keep ? tau : 0.0f;
+    }
+  } else if (b.sparsify == kRandom) {
+    const uint64_t key = b.key[j];
+    const uint32_t bound = b.dbound[j];
+    for (size_t k = 0; k < m; ++k) {
+      const float tau = x[k] - base[k];
+      wt[k] = dare_draw(key, g0 + int64_t(k)) < bound ? tau : 0.0f;
+    }
+  } else {
+    for (size_t k = 0; k < m; ++k) wt[k] = x[k] - base[k];
+  }
+  if (b.rescale)
+    for (size_t k = 0; k < m; ++k) wt[k] = wt[k] * sc;
+  for (size_t k = 0; k < m; ++k) wt[k] = w * wt[k];
+}
+
 static inline void gta_range(const GtaBlock& b, size_t begin) {
-  float wt[256];
-  for (size_t i = begin; i < b.n; ++i) {
-    const int64_t gi = b.first + int64_t(i);
-    const float base = load_one(b.src[0], b.in_dt, i);
+  constexpr size_t B = kGtaBlock;
+  thread_local std::vector<float> wts;  // (n_in - 1) x B weighted, kept task-vector values
+  wts.resize(size_t(b.n_in) * B);
+  float base[B], x[B], mixed[B], s[B], div[B];
+  for (size_t i0 = begin; i0 < b.n; i0 += B) {
+    const size_t m = b.n - i0 < B ? b.n - i0 : B;
+    const int64_t g0 = b.first + int64_t(i0);
+    load_block(b.src[0], b.in_dt, i0, m, base);
     for (int j = 1; j < b.n_in; ++j) {
-      const float tau = load_one(b.src[j], b.in_dt, i) - base;
-      bool keep = true;
-      if (b.sparsify == kMagnitude) {
-        const float m = trim_magnitude(tau);
-        keep = m > b.thr[j] || (m == b.thr[j] && gi < b.cut[j]);
-      } else if (b.sparsify == kRandom) {
-        keep = double(dare_draw(b.key[j], gi)) < b.dthr[j];
-      }
-      float kept = keep ? tau : 0.0f;
-      if (b.rescale) kept = kept * b.scale[j];
-      wt[j] = b.w[j] * kept;
+      load_block(b.src[j], b.in_dt, i0, m, x);
+      gta_expert(b, j, g0, m, base, x, &wts[size_t(j) * B]);
     }
-    float mixed = 0.0f;
+    for (size_t k = 0; k < m; ++k) mixed[k] = 0.0f;
     if (b.consensus) {
-      float s = 0.0f;
-      for (int j = 1; j < b.n_in; ++j) s = s + wt[j];
-      const bool up = s >= 0.0f;
-      float div = 0.0f;
+      for (size_t k = 0; k < m; ++k) s[k] = div[k] = 0.0f;
       for (int j = 1; j < b.n_in; ++j)
-        if (up ? wt[j] > 0.0f : wt[j] < 0.0f) {
-          mixed = mixed + wt[j];
-          div = div + b.w[j];
+        for (size_t k = 0; k < m; ++k) s[k] = s[k] + wts[size_t(j) * B + k];
+      for (int j = 1; j < b.n_in; ++j) {
+        const float* wt = &wts[size_t(j) * B];
+        const float w = b.w[j];
+        for (size_t k = 0; k < m; ++k) {
+          const bool agree = s[k] >= 0.0f ? wt[k] > 0.0f : wt[k] < 0.0f;
+          mixed[k] = agree ? mixed[k] + wt[k] : mixed[k];
+          div[k] = agree ? div[k] + w : div[k];
         }
-      if (b.normalize) mixed = mixed / (div == 0.0f ? 1.0f : div);
+      }
+      if (b.normalize)
+        for (size_t k = 0; k < m; ++k) mixed[k] = mixed[k] / (div[k] == 0.0f ? 1.0f : div[k]);
     } else {
-      for (int j = 1; j < b.n_in; ++j) mixed = mixed + wt[j];
-      if (b.normalize) mixed = mixed / b.divisor;
+      for (int j = 1; j < b.n_in; ++j)
+        for (size_t k = 0; k < m; ++k) mixed[k] = mixed[k] + wts[size_t(j) * B + k];
+      if (b.normalize)
+        for (size_t k = 0; k < m; ++k) mixed[k] = mixed[k] / b.divisor;
     }
-    store_one(b.out, b.out_dt, i, base + mixed);
+    for (size_t k = 0; k < m; ++k) store_one(b.out, b.out_dt, i0 + k, base[k] + mixed[k]);
   }
 }
 

@@ -494,3 +494,35 @@ def test_pipeline_merge_stage_passes_method_through(tmp_path, method, params):
     merge_checkpoints([models["dpo"], models["gen"]], tmp_path / "direct", method=method,
                       base=models["gen"], weights=weights, progress=False, **params)  # fmt: skip
     assert read_raw(tmp_path / "m" / "hf") == read_raw(tmp_path / "direct")
+
+
+RSS_CHILD = """
+import sys
+from r7b_fast.merge import merge_checkpoints
+merge_checkpoints(sys.argv[2:4], sys.argv[4], base=sys.argv[1], method="ties", density=0.3,
+                  threads=2, progress=False)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(int(hwm.split()[1]) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_ties_memory_is_one_tensor_not_the_model(tmp_path):
+    """3 models of two 12M-element bf16 tensors (24 MB each, 144 MB in all): the trim holds one
+    fp32 |tau| copy of one tensor (48 MB, shared by the 2 threads) + 2 * 2 * 4 * 2 MiB of
+    buffers (32 MiB) + the interpreter (~35 MiB); a tensor-at-a-time merge in fp32 would hold
+    3 x 48 MB for one tensor, two threads 288 MB."""
+    n = 12_000_000
+    m = [write_model(tmp_path / f"m{k}", {"a": ("BF16", np.full(n, k, np.float32)),
+                                          "b": ("BF16", np.full(n, -k, np.float32))})
+         for k in range(3)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, *map(str, m), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    peak_mib = int(r.stdout.split()[-1])
+    assert peak_mib < 140, f"peak RSS {peak_mib} MiB"
+    raw = read_raw(tmp_path / "out")
+    # every |tau| ties (1 or 2 for a, the same for b): the first 30% by index are kept
+    a = from_bits(np.frombuffer(raw["a"][2], np.uint16), "BF16")
+    k = int(0.3 * n)
+    assert np.all(a[:k] == 1.5) and np.all(a[k:] == 0)  # (1 + 2) / 2 where both kept
