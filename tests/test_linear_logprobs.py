@@ -62,7 +62,8 @@ CASES = [  # (N, H, V, dtype, scale, ignore_index): none a multiple of the inter
 @pytest.mark.parametrize("N,H,V,dtype,scale,ignore_index", CASES)
 def test_matches_float64_truth(N, H, V, dtype, scale, ignore_index, monkeypatch):
     # several backward vocab chunks (the last one ragged) and several forward vocab splits
-    monkeypatch.setattr(llp_triton, "DLOGITS_BUDGET_BYTES", N * 4 * 64)
+    monkeypatch.setattr(llp_triton, "DLOGITS_TARGET_ROWS", 64)
+    monkeypatch.setattr(llp_triton, "DLOGITS_MIN_ROWS", 64)
     h, w, t, grad = _inputs(N, H, V, dtype, ignore_index)
     kw = dict(scale=scale, ignore_index=ignore_index)
     truth = _run(linear_logprobs_torch, h.double(), w.double(), t, grad, **kw)
@@ -227,3 +228,71 @@ def test_autocast_does_not_round_the_logits(backend, dtype):
         bound = 1e-6 if dtype == torch.float32 else 2.0**-8
         assert _rel(a, tru) <= bound, (name, _rel(a, tru))
         assert _rel(a, p.double()) <= 1e-6, (name, _rel(a, p.double()))
+
+
+@pytest.mark.parametrize("splits,group_rows", [(1, 16), (3, 32), (5, 1000), (7, 16)])
+def test_any_split_count_and_launch_group(splits, group_rows, monkeypatch):
+    """The grouped 1-D launch order and the split count change only the schedule: any split
+    count (5 = one per vocab tile of 32 here, 7 leaves two splits past V empty) and any group
+    size (1 token tile, 2 with a ragged last group, all 5) give the fp32 result to rounding."""
+    monkeypatch.setattr(llp_triton, "_fwd_splits", lambda *a: splits)
+    monkeypatch.setattr(llp_triton, "_INTERP_GROUP_ROWS", group_rows)
+    monkeypatch.setattr(llp_triton, "DLOGITS_TARGET_ROWS", 64)  # 3 chunks, dlogits grouped too
+    monkeypatch.setattr(llp_triton, "DLOGITS_MIN_ROWS", 64)
+    h, w, t, grad = _inputs(70, 24, 150, torch.float32)
+    kw = dict(scale=0.6)
+    truth = _run(linear_logprobs_torch, h.double(), w.double(), t, grad, **kw)
+    tri = _run(linear_logprobs, h, w, t, grad, backend="triton", **kw)
+    for name, got, tru in zip(("logp", "dH", "dW"), tri, truth):
+        assert _rel(got, tru) < 1e-6, (name, _rel(got, tru))  # fp32 rounding, O(1) values
+
+
+def test_fwd_splits_fill_whole_waves():
+    """The split count fills (nearly) whole waves where the old rule (~8 waves) left a last wave
+    24% full at N=8192, H=4096, V=256000 on 132 SMs, and keeps a wave within one L2 group."""
+    for sms in (132, 114, 78):
+        for n_tiles in (16, 64, 128, 512):  # N = 2048 ... 65536 in 128-row tiles
+            group = 24  # 24 MiB of hidden rows at H=4096 bf16
+            s = llp_triton._fwd_splits(n_tiles, 1000, sms, group)
+            progs = n_tiles * s
+            waves = -(-progs // sms)
+            assert progs / (waves * sms) >= 0.9, (sms, n_tiles, s, progs / sms)
+            assert s * group >= sms and 1 <= s <= 1000
+    assert llp_triton._fwd_splits(64, 1000, 132, 24) == 6  # the docstring's worked example
+    assert llp_triton._fwd_splits(1, 3, 132, 24) == 3  # never more splits than granules
+
+
+def test_dlogits_chunk_grows_with_n_and_fills_the_dw_gemm(monkeypatch):
+    monkeypatch.setattr(llp_triton, "interpreting", lambda: False)  # the GPU's tile candidates
+    rows = llp_triton._chunk_rows
+    GiB = 1 << 30
+    for N in (8192, 65536):
+        r = rows(N, 256000, 4096, 2, 132, 80 * GiB)
+        # dW GEMM of the chunk: (r / 128) x (4096 / 256) tiles, at least two waves of 132 SMs
+        assert r == 3072 and (r // 128) * (4096 // 256) >= 2 * 132
+    assert rows(8192, 256000, 4096, 2, 132, 80 * GiB) * 8192 * 2 == 48 << 20  # as before at 8k
+    narrow = rows(65536, 256000, 1024, 2, 132, 80 * GiB)  # H=1024: 4 column tiles
+    assert (narrow // 128) * 4 >= 2 * 132 and narrow % 256 == 0
+    assert rows(8192, 1000, 4096, 2, 132, 80 * GiB) == 1000  # the whole vocabulary
+    capped = rows(8192, 256000, 4096, 2, 132, 400 << 20)  # 100 MiB for dlogits: 6400 -> 3072
+    assert capped == 3072
+    llp_triton._warned_chunk = False
+    with pytest.warns(UserWarning, match="exceeds 0.25 of the free device memory"):
+        tight = rows(65536, 256000, 4096, 2, 132, 1 * GiB)  # 256 MiB < the 2-wave floor
+    assert tight == 2304  # the floor: ceil(264 / 16) * 128 rows, rounded up to 256
+
+
+def test_autotune_candidates_and_keys():
+    """GPU launchers tune over every candidate keyed on H (and the dtypes); the dH GEMM's
+    accumulator is restored after each timed config; the interpreter runs one config untimed."""
+    for kind, key in (("fwd", ["K"]), ("dl", ["K"]), ("dw", ["P", "A_TRANS", "ACCUMULATE"])):
+        tuned = llp_triton._tuned(kind, False)
+        assert len(tuned.configs) == len(llp_triton._GPU[kind]) >= 2 and tuned.keys == key
+        assert len(llp_triton._tuned(kind, True).configs) == 1
+    assert llp_triton._tuned("dh", False).restore_value == ["c_ptr"]
+    assert llp_triton._tuned("fwd", False).restore_value == []
+    blocks = {
+        (c.kwargs.get("BLOCK_N", c.kwargs.get("BLOCK_M")), c.kwargs.get("BLOCK_V", 0))
+        for c in llp_triton._tuned("fwd", False).configs
+    }
+    assert (128, 256) in blocks
