@@ -200,6 +200,13 @@ def side_triton(version: str = GPU_TRITON_VERSION) -> str:
     return target
 
 
+def aot_jobs() -> int:
+    """Compile subprocesses run at once: $R7B_AOT_JOBS, else half the CPUs (8 on the GPU
+    machine's 16 cores, so the suite's aot step fits its budget; 1 on a 2-core CI box)."""
+    env = os.environ.get("R7B_AOT_JOBS")
+    return int(env) if env else max(1, (os.cpu_count() or 2) // 2)
+
+
 def compile_in_subprocess(
     specs: list[AotSpec],
     extra_path: list[str] | None = None,
@@ -208,7 +215,8 @@ def compile_in_subprocess(
     """Compile each spec for sm_90 in a fresh interpreter-free Python; one report dict per spec
     (keys of KernelReport minus the PTX, plus `label` and `problems`), or {'label', 'error'}.
     `triton_version` (e.g. GPU_TRITON_VERSION) compiles with that Triton from `side_triton`
-    instead of the venv's; each report's `triton_version` says which one ran."""
+    instead of the venv's; each report's `triton_version` says which one ran. The specs are
+    shared among `aot_jobs()` subprocesses; reports come back in the order of `specs`."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     path = list(extra_path or [])
@@ -216,17 +224,22 @@ def compile_in_subprocess(
         path.insert(0, side_triton(triton_version))  # ahead of site-packages (PYTHONPATH is)
     if path:
         env["PYTHONPATH"] = os.pathsep.join([*path, env.get("PYTHONPATH", "")])
-    payload = json.dumps([asdict(s) for s in specs])
-    r = subprocess.run(
-        [sys.executable, "-m", "r7b_fast.kernels.aot", "--specs", "-"],
-        input=payload,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"AOT compile subprocess failed:\n{r.stderr[-4000:]}")
-    reports = json.loads(r.stdout.strip().splitlines()[-1])
+    jobs = max(1, min(len(specs), aot_jobs()))
+    procs = []
+    for j in range(jobs):  # spec i goes to worker i % jobs; each compiles its share in order
+        p = subprocess.Popen(
+            [sys.executable, "-m", "r7b_fast.kernels.aot", "--specs", "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env,
+        )  # fmt: skip
+        procs.append((p, json.dumps([asdict(s) for s in specs[j::jobs]])))
+    parts = []
+    for p, payload in procs:  # communicate() one by one: the others keep compiling meanwhile
+        out, err = p.communicate(payload)
+        if p.returncode != 0:
+            raise RuntimeError(f"AOT compile subprocess failed:\n{err[-4000:]}")
+        parts.append(json.loads(out.strip().splitlines()[-1]) if specs else [])
+    reports = [parts[i % jobs][i // jobs] for i in range(len(specs))]
     if triton_version:  # the side directory must have won over the venv's Triton
         got = {x["triton_version"] for x in reports if "triton_version" in x}
         if got - {triton_version}:

@@ -45,7 +45,11 @@ def reports():
         AotSpec("_aot_toys:toy_matmul", MM_SIG, {"BLOCK": 256}, 8, 3, label="mm256"),
         *_loop_specs(),
     ]
-    return {r["label"]: r for r in compile_in_subprocess(specs, extra_path=[HERE])}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("R7B_AOT_JOBS", "2")  # two workers: reports still come back in spec order
+        out = compile_in_subprocess(specs, extra_path=[HERE])
+    assert [r["label"] for r in out] == [s.label for s in specs]
+    return {r["label"]: r for r in out}
 
 
 def test_bf16_dot_uses_wgmma(reports, cuobjdump_available):
