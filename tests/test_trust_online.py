@@ -42,6 +42,7 @@ def test_all_rounds_without_pairs_exit_5_and_export_nothing(tmp_path, capsys):
     assert rc == 5, err
     assert "all 2 round(s) produced no preference pair" in err
     assert err.count("WARNING: online round") == 2 and "2 of 2 prompts tied over 6 samples" in err
+    assert "online round 1: sampling: 6 of 6 samples in " in err  # progress line (no bar)
     assert not (out / "done.json").exists() and not (out / "hf").exists()
     empty = events(out, "no_pairs")
     assert [(e["round"], e["prompts"], e["samples"], e["ties"]) for e in empty] == [

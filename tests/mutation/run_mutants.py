@@ -87,7 +87,7 @@ MUTANTS = [
     ("T4", "train", T, [('s.scheduler.load_state_dict(state["scheduler"])', "pass")]),
     ("T5", "train", T, [("it.load_state_dict(data_state)", "pass")]),
     ("T6", "train", C, [('set_optimizer_state_dict(model, optimizer, state["optimizer"])', "pass")]),
-    ("T7", "train", T, [('data_state = resume_state["data"] if mid_round else None', "data_state = None")]),
+    ("T7", "online", T, [('data_state = resume_state["data"] if mid_round else None', "data_state = None")]),
     ("T8", "train", T, [("max_norm if max_norm > 0 else float(\"inf\")", "float(\"inf\")")]),
     ("T9", "train", T, [("        s.scheduler.step()\n        s.optimizer.zero_grad(set_to_none=True)",
                          "        s.scheduler.step()")]),
