@@ -351,7 +351,7 @@ def _chunk_rows(N: int, V: int, H: int, itemsize: int, sms: int, free_bytes: int
     at N=65536), so each chunk's dW GEMM (M = rows, P = H, K = N) keeps its rows/128 x H/256
     = 24 x 16 = 384 tiles (2.9 waves on 132 SMs; the old fixed 48 MiB gave 384 rows at N=65536:
     48 tiles, 0.36 of the GPU), and the fp32 dH read-modify-write (8*N*H bytes per chunk)
-    happens V/3072 times (83 at V=256000: 178 GB at N=65536, H=4096, not 1.4 TB). The floor,
+    happens V/3072 times (84 at V=256000: ~180 GB at N=65536, H=4096, not 1.4 TB). The floor,
     max(DLOGITS_MIN_ROWS, rows giving the dW GEMM two waves of tiles), holds whatever the
     memory; above it, the chunk takes at most DLOGITS_FREE_FRACTION of `free_bytes` (warning
     once when even the floor exceeds that). Rows are a multiple of the widest BLOCK_V."""
