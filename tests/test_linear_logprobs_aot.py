@@ -49,6 +49,46 @@ def test_one_spec_per_candidate_including_128x256():
     assert len({s.label for s in AOT_SPECS}) == len(AOT_SPECS)
 
 
+def _real_launch_ints(monkeypatch) -> dict[str, dict[str, list[int]]]:
+    """Every integer argument each kernel gets at N=8192, H=4096, V=256000 bf16 on 132 SMs, as
+    the launchers compute them (all backward chunks, the ragged last one included)."""
+    monkeypatch.setattr(llp_triton, "interpreting", lambda: False)  # the GPU's tiles and groups
+    N, H, V, sms = 8192, 4096, 256000, 132
+    rows = llp_triton._chunk_rows(N, V, H, 2, sms, 80 << 30)
+    chunks = [(v0, min(rows, V - v0)) for v0 in range(0, V, rows)]
+    group_rows = llp_triton._group_rows(H, 2)
+    splits = llp_triton._fwd_splits(-(-N // 128), -(-V // 256), sms, group_rows // 128)
+    common = dict(N=[N], K=[H], stride_h=[H], stride_w=[H], group_rows=[group_rows])
+    return {
+        "fwd": dict(common, V=[V], n_splits=[splits]),
+        "dlogits": dict(common, Vc=[r for _, r in chunks], v_start=[v for v, _ in chunks],
+                        stride_dl=[rows]),
+        "dW": dict(M=[r for _, r in chunks], P=[H], K=[N], stride_a=[rows], stride_b=[H],
+                   stride_c=[H]),
+        "dH": dict(M=[N], P=[H], K=[r for _, r in chunks], stride_a=[rows], stride_b=[H],
+                   stride_c=[H]),
+    }  # fmt: skip
+
+
+def test_specs_carry_the_jits_specialisation_at_the_real_shape(monkeypatch):
+    """An integer argument is marked divisible exactly when every value the launcher passes at
+    the real shape is a multiple of 16 (what the JIT checks); every pointer is marked, and every
+    pointer the launchers pass there (chunk slices of weight and dW included) is 16-byte
+    aligned. A spec missing a hint compiles a kernel the GPU never runs (issue 15, item 1)."""
+    real = _real_launch_ints(monkeypatch)
+    assert real["fwd"]["n_splits"][0] % 16 != 0  # the one integer not divisible there
+    for v0 in real["dlogits"]["v_start"]:  # weight[v0:], dW[v0:] with 4096 bf16 per row
+        assert v0 * 4096 * 2 % 16 == 0
+    for spec in AOT_SPECS:
+        kind = next(k for k in real if f"_{k}" in spec.label)
+        for arg, typ in spec.signature.items():
+            if typ.startswith("*"):
+                assert arg in spec.divisible, (spec.label, arg)
+            elif typ == "i32":
+                want = all(v % 16 == 0 for v in real[kind][arg])
+                assert (arg in spec.divisible) == want, (spec.label, arg, real[kind][arg])
+
+
 @pytest.mark.slow  # ~40-60 s per Triton version (10 sm_90 compiles)
 @pytest.mark.parametrize("label", [s.label for s in AOT_SPECS])
 def test_compiles_for_sm90_clean(reports, label, cuobjdump_available):
