@@ -15,11 +15,13 @@ Torch paths (`varlen_attention_torch`, backend="torch"), same signature and resu
   any tensor value (no graph break, no device sync): every tile gets the static key span that
   max_seqlen and window allow.
 `varlen_attention_reference` is the slow per-sequence loop the tests trust.
-`AOT_SPECS`: the bf16 head-dim-128 GPU configs, for `python -m r7b_fast.kernels.aot`.
+`AOT_SPECS`: every bf16 head-dim-128 config the GPU's autotuner may pick, at the JIT's
+specialisation, for `python -m r7b_fast.kernels.aot`; `autotuned_configs()`: what it picked.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -366,32 +368,35 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
 
 
 def _aot_specs() -> list[AotSpec]:
-    """The bf16, head-dim-128 configs the GPU runs: the three attention kernels (causal, and
-    causal + window) and the small Delta = rowsum(dO * O) kernel of the backward."""
-    FWD_CONFIGS = triton_module("r7b_fast.kernels.attention_fwd").FWD_CONFIGS
+    """Every bf16, head-dim-128 config the GPU's autotuner may pick for the three attention
+    kernels (causal, and causal + window), and the small Delta = rowsum(dO * O) kernel of the
+    backward, at the JIT's specialisation for R7B's shapes: pointers 16-byte aligned and strides,
+    T and the window multiples of 16 (`divisible`; T is any packed length, the GPU runs full
+    multiples of 16 in training and benchmarks). B (the number of sequences) is not."""
+    fwd = triton_module("r7b_fast.kernels.attention_fwd")
     bwd = triton_module("r7b_fast.kernels.attention_bwd")
-    DKDV_CONFIGS, DQ_CONFIGS = bwd.DKDV_CONFIGS, bwd.DQ_CONFIGS
     ptr, i32, f32 = "*bf16", "i32", "fp32"
+    strides = dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
+    strides |= {"stride_ot": i32, "stride_oh": i32}
     fwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "LSE": "*fp32", "CU": "*i32"}
-    fwd_sig |= dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
-    fwd_sig |= {"stride_ot": i32, "stride_oh": i32, "T": i32, "window": i32, "qk_scale": f32}
+    fwd_sig |= {**strides, "T": i32, "window": i32, "qk_scale": f32, "B": i32}
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32"}
-    dkdv_sig = {**bwd_sig, "DK": ptr, "DV": ptr, "CU": "*i32"}
-    dq_sig = {**bwd_sig, "DQ": ptr, "CU": "*i32"}
-    tail = dict.fromkeys(["stride_qt", "stride_qh", "stride_kt", "stride_kh"], i32)
-    tail |= {"stride_ot": i32, "stride_oh": i32, "T": i32, "window": i32}
-    tail |= {"qk_scale": f32, "sm_scale": f32}
-    consts = ["GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW", "CAST", "DOT_PREC"]
+    tail = {**strides, "T": i32, "window": i32, "qk_scale": f32, "sm_scale": f32, "B": i32}
+    dkdv_sig = {**bwd_sig, "DK": ptr, "DV": ptr, "CU": "*i32", **tail}
+    dq_sig = {**bwd_sig, "DQ": ptr, "CU": "*i32", **tail}
+    consts = ["GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW", "CAST", "ROUND"]
+    consts.append("DOT_PREC")
     specs = []
-    for name, sig, cfg in (
-        ("attention_fwd:attn_fwd_kernel", fwd_sig, FWD_CONFIGS[128]),
-        ("attention_bwd:attn_bwd_dkdv_kernel", {**dkdv_sig, **tail}, DKDV_CONFIGS[128]),
-        ("attention_bwd:attn_bwd_dq_kernel", {**dq_sig, **tail}, DQ_CONFIGS[128]),
+    for name, sig, candidates in (
+        ("attention_fwd:attn_fwd_kernel", fwd_sig, fwd.FWD_CANDIDATES[128]),
+        ("attention_bwd:attn_bwd_dkdv_kernel", dkdv_sig, bwd.DKDV_CANDIDATES[128]),
+        ("attention_bwd:attn_bwd_dq_kernel", dq_sig, bwd.DQ_CANDIDATES[128]),
     ):
-        bm, bn, warps, stages = cfg
-        for has_window in (False, True):
+        divisible = [a for a, t in sig.items() if t not in (f32, "constexpr") and a != "B"]
+        for (bm, bn, warps, stages), has_window in itertools.product(candidates, (False, True)):
             vals = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True,
-                        HAS_WINDOW=has_window, CAST=False, DOT_PREC="tf32")  # fmt: skip
+                        HAS_WINDOW=has_window, CAST=False, ROUND=False, DOT_PREC="tf32")  # fmt: skip
+            kind = "window" if has_window else "causal"
             specs.append(
                 AotSpec(
                     target=f"r7b_fast.kernels.{name}",
@@ -399,7 +404,9 @@ def _aot_specs() -> list[AotSpec]:
                     constexprs=vals,
                     num_warps=warps,
                     num_stages=stages,
-                    label=f"{name.split(':')[1]}[bf16,d128,{'window' if has_window else 'causal'}]",
+                    label=f"{name.split(':')[1]}[bf16,d128,{kind},{bm}x{bn},w{warps},s{stages}]",
+                    divisible=divisible,
+                    pipelined=True,  # K/V (or Q/dO) tiles streamed: cp.async in the main loop
                 )
             )
     delta_sig = {"Out": ptr, "DO": ptr, "DELTA": "*fp32", "stride_ot": i32, "stride_oh": i32}
@@ -408,13 +415,26 @@ def _aot_specs() -> list[AotSpec]:
         AotSpec(
             target="r7b_fast.kernels.attention_bwd:attn_bwd_delta_kernel",
             signature=delta_sig,
-            constexprs={"HEAD_DIM": 128, "BLOCK_T": 64},
+            constexprs={"HEAD_DIM": 128, "BLOCK_T": bwd.DELTA_BLOCK_T},
             num_warps=4,
             num_stages=1,
             label="attn_bwd_delta_kernel[bf16,d128]",
+            divisible=["Out", "DO", "DELTA", "stride_ot", "stride_oh", "T"],
         )
     )
     return specs
+
+
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """The tile configs triton.autotune chose in this process, per kernel ('attn_fwd',
+    'attn_bwd_dkdv', 'attn_bwd_dq'), as {str(tuning key): str(config)}; the key is (HEAD_DIM,
+    GROUP, CAUSAL, HAS_WINDOW, DOT_PREC, the tensors' dtypes). Empty until the Triton path ran on a
+    GPU (the interpreter runs fixed tiles, untuned). For the GPU suite to print with its results."""
+    fwd = triton_module("r7b_fast.kernels.attention_fwd")
+    bwd = triton_module("r7b_fast.kernels.attention_bwd")
+    tuners = {"attn_fwd": fwd.attn_fwd_tuned, "attn_bwd_dkdv": bwd.attn_bwd_dkdv_tuned,
+              "attn_bwd_dq": bwd.attn_bwd_dq_tuned}  # fmt: skip
+    return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in tuners.items()}
 
 
 _aot_cache: list[AotSpec] = []

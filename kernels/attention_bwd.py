@@ -8,8 +8,10 @@ With P = exp2(S * scale*log2e - lse) recomputed from the saved lse and Delta_i =
 - dQ: one program owns a query block of one query head and loops over the key tiles it sees,
   exactly as the forward does; every dQ row is written once.
 Both use the forward's tile skipping (sequence, diagonal, window): only tiles a block can see are
-visited, and only edge tiles build a mask (a runtime branch in the one loop, as in the forward).
-Delta comes from a small kernel of its own (no fp32 copies of dO and O).
+visited, and only edge tiles build a mask: dQ in three loops as the forward (edge, interior, edge),
+dK/dV in one loop with a runtime branch (three loops spill to the stack there; see _dkdv_tiles).
+Delta comes from a small kernel of its own (no fp32 copies of dO and O). Grids, tuning and the
+interpreter's rounding mode (ROUND) are the forward's (attention_fwd.py).
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention_fwd as _fwd
 from ._backend import interpreting
-from .attention_fwd import INTERP_BLOCK, LOG2E, dot_precision, key_tile_bounds, visible
+from .attention_fwd import (
+    INTERP_BLOCK,
+    LOG2E,
+    dot_precision,
+    key_tile_bounds,
+    launch,
+    seq_and_block,
+    tuned,
+    visible,
+)
 
 
 @triton.jit
@@ -45,40 +57,49 @@ def query_tile_bounds(k0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.conste
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols,
                 offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, CAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr):  # fmt: skip
+                HAS_WINDOW: tl.constexpr, CAST: tl.constexpr, ROUND: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Query tiles [lo, hi) against one key block; those outside the interior [a, c) are edge
+    tiles (diagonal, window edge, sequence end) and mask P. One loop with a runtime branch, not
+    the forward's three loops: on sm_90 (Triton 3.6, AOT) three loops inside the GQA loop put
+    48-264 B per thread on the stack. Rows past the sequence end are clamped to its last row
+    (always in bounds, no load masks) and their P masked to 0."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        ok = rows < L
-        r = rows[:, None]
-        q = tl.load(q_base + r * stride_qt + offs_d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(do_base + r * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
-        lse = tl.load(lse_base + rows, mask=ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=ok, other=0.0)
+        rows_in = tl.minimum(rows, L - 1)
+        r = rows_in[:, None]
+        q = tl.load(q_base + r * stride_qt + offs_d[None, :])
+        do = tl.load(do_base + r * stride_ot + offs_d[None, :])
+        lse = tl.load(lse_base + rows_in)
+        delta = tl.load(delta_base + rows_in)
         if CAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
         p_t = tl.exp2(s_t - lse[None, :])
-        if (start_m < a) | (start_m >= c):  # edge tile: diagonal, window edge, sequence end
+        if (start_m < a) | (start_m >= c):  # edge tile
             p_t = tl.where(tl.trans(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)), p_t, 0.0)
+        if ROUND:  # interpreter: P rounded to the operand dtype, as the GPU's dot takes it
+            p_t = p_t.to(q_base.dtype.element_ty).to(tl.float32)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
+        if ROUND:  # and dS likewise
+            ds_t = ds_t.to(q_base.dtype.element_ty).to(tl.float32)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_qh, stride_kt,
-                         stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale,
+                         stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale, B,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         CAST: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    # Q and DO share strides (stride_qt/qh), K/V/DK/DV share (stride_kt/kh); DO is O-shaped
-    pid_n = tl.program_id(0)
+                         CAST: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # Q and DO share strides (stride_qt/qh), K/V/DK/DV share (stride_kt/kh); DO is O-shaped.
+    # Grid axis 0 = key blocks x B sequences (see seq_and_block), axis 1 = kv heads.
+    b, pid_n = seq_and_block(B)
     kvh = tl.program_id(1)
-    b = tl.program_id(2)
     start = tl.load(CU + b)
     L = tl.load(CU + b + 1) - start
     k0 = pid_n * BLOCK_N
@@ -105,45 +126,53 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_
         do_base = DO + start64 * stride_ot + h * stride_oh
         lse_base = LSE + h.to(tl.int64) * T + start
         delta_base = DELTA + h.to(tl.int64) * T + start
+        # [lo, a): diagonal tiles; [a, c): interior (no mask); [c, hi): window edge, end
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                              stride_ot, cols, offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL,
-                             HAS_WINDOW, CAST, DOT_PREC, BLOCK_M)  # fmt: skip
+                             HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_M)  # fmt: skip
     tl.store(DK + kv_base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_base + kv_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, c, hi, L, window,
-              qk_scale, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              CAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, hi, L, window,
+              qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              CAST: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """Key tiles [lo, hi) of one query block, masked (edge) or not (interior), as in the fwd."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kv_off = cols[:, None] * stride_kt + offs_d[None, :]
-        k = tl.load(k_base + kv_off, mask=cols[:, None] < L, other=0.0)
-        v = tl.load(v_base + kv_off, mask=cols[:, None] < L, other=0.0)
+        if MASKED:
+            k = tl.load(k_base + kv_off, mask=cols[:, None] < L, other=0.0)
+            v = tl.load(v_base + kv_off, mask=cols[:, None] < L, other=0.0)
+        else:
+            k = tl.load(k_base + kv_off)
+            v = tl.load(v_base + kv_off)
         if CAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
         p = tl.exp2(s - lse[:, None])
-        if (start_n < a) | (start_n >= c):  # edge tile: diagonal, window edge, sequence end
+        if MASKED:
             p = tl.where(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
+        if ROUND:  # interpreter: dS rounded to the operand dtype, as the GPU's dot takes it
+            ds = ds.to(k_base.dtype.element_ty).to(tl.float32)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, stride_kt,
-                       stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale,
+                       stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale, B,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       CAST: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    # Q and DQ share strides (stride_qt/qh); DO uses stride_ot/oh
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+                       CAST: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # Q and DQ share strides (stride_qt/qh); DO uses stride_ot/oh. Grid as the forward's.
+    b, pid_m = seq_and_block(B)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     start = tl.load(CU + b)
     L = tl.load(CU + b + 1) - start
     q0 = pid_m * BLOCK_M
@@ -168,8 +197,13 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, st
     v_base = V + start64 * stride_kt + kv_head * stride_kh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, a, c, hi = key_tile_bounds(q0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, c, hi, L,
-                   window, qk_scale, CAUSAL, HAS_WINDOW, CAST, DOT_PREC, BLOCK_N)  # fmt: skip
+    # [lo, a): window-edge tiles (masked); [a, c): interior (unmasked); [c, hi): diagonal, end
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, lo, a, L, window,
+                   qk_scale, True, CAUSAL, HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, a, c, L, window,
+                   qk_scale, False, CAUSAL, HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, rows, offs_d, c, hi, L, window,
+                   qk_scale, True, CAUSAL, HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_N)  # fmt: skip
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -178,25 +212,41 @@ def attn_bwd_delta_kernel(Out, DO, DELTA, stride_ot, stride_oh, T, HEAD_DIM: tl.
                           BLOCK_T: tl.constexpr):  # fmt: skip
     """DELTA[h, t] = sum_d Out[t, h, d] * DO[t, h, d] in fp32 (Out and DO share strides)."""
     h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(0) * BLOCK_T
+    rows = t0 + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    # the block's base offset in int64: t0 * stride_ot reaches T * Hq * D, past 2^31 from
+    # ~524k packed tokens at Hq=32, D=128; offsets inside the block stay int32
+    base = t0.to(tl.int64) * stride_ot + h * stride_oh
+    ptrs = base + tl.arange(0, BLOCK_T)[:, None] * stride_ot + offs_d[None, :]
     ok = rows[:, None] < T
     o = tl.load(Out + ptrs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + ptrs, mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + h.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
-# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim; BLOCK_M counts queries.
-# AOT-measured on sm_90 at D=128, bf16: these use 229-254 registers and no stack; 64x128 or
-# 128x64 tiles, or the forward's three-loop split, spill 250-1000 B per thread to the stack.
-DKDV_CONFIGS = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)}
-DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
-BWD_CONFIG_FP32 = (32, 32, 4, 2)  # fp32 'ieee' dots (no tensor cores): fits; dK/dV spills
+# GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, BLOCK_M counting queries,
+# chosen on the GPU by triton.autotune (see attention_fwd.tuned); every head-dim-128 candidate is
+# in AOT_SPECS and compiles for sm_90 without spills at the JIT's divisible-by-16 specialisation.
+# Both kernels write every output row once (no accumulation into outputs), so re-running one
+# while tuning needs no reset_to_zero.
+DKDV_CANDIDATES = {
+    128: [(32, 64, 8, 2), (32, 128, 8, 2)],
+    64: [(32, 64, 4, 2)], 32: [(32, 64, 4, 2)], 16: [(32, 64, 4, 2)],
+}  # fmt: skip
+DQ_CANDIDATES = {
+    128: [(64, 64, 8, 2), (128, 64, 8, 2)],
+    64: [(64, 64, 4, 2)], 32: [(64, 64, 4, 2)], 16: [(64, 64, 4, 2)],
+}  # fmt: skip
+BWD_CONFIG_FP32 = (32, 32, 4, 2)  # fp32 'ieee' dots (no tensor cores): fits shared memory
+DELTA_BLOCK_T = 64  # as in AOT_SPECS
+
+attn_bwd_dkdv_tuned = tuned(attn_bwd_dkdv_kernel, DKDV_CANDIDATES, BWD_CONFIG_FP32)
+attn_bwd_dq_tuned = tuned(attn_bwd_dq_kernel, DQ_CANDIDATES, BWD_CONFIG_FP32)
 
 
 def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scale):
-    """Gradients (dq, dk, dv) for validated inputs; lse fp32[Hq, T] from attn_fwd."""
+    """Gradients (dq, dk, dv) for validated inputs; lse fp32[Hq, T] from attn_fwd. No host read."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
     B = cu_seqlens.numel() - 1
@@ -207,30 +257,23 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scal
     interp = interpreting()
     # Delta_i = rowsum(dO * O) in fp32, laid out [Hq, T] like lse (no fp32 copies of dO and O)
     delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
-    block_t = INTERP_BLOCK if interp else 64  # 64 as in AOT_SPECS
+    block_t = INTERP_BLOCK if interp else DELTA_BLOCK_T
     attn_bwd_delta_kernel[(triton.cdiv(T, block_t), Hq)](
         out, do, delta, do.stride(0), do.stride(1), T, HEAD_DIM=D, BLOCK_T=block_t
     )
-    common = dict(
+    cast = interp and q.dtype != torch.float32
+    consts = dict(
         GROUP=Hq // Hk, HEAD_DIM=D, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        CAST=interp and q.dtype != torch.float32, DOT_PREC=dot_precision(q.dtype),
+        CAST=cast, ROUND=cast and _fwd.ROUND_IN_INTERPRETER, DOT_PREC=dot_precision(q.dtype),
     )  # fmt: skip
-    args = (
+    tail = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-        T, int(window or 0), float(scale * LOG2E), float(scale),
+        T, int(window or 0), float(scale * LOG2E), float(scale), B,
     )  # fmt: skip
-    for kernel, configs, outs, by_keys in (
-        (attn_bwd_dkdv_kernel, DKDV_CONFIGS, (dk, dv), True),
-        (attn_bwd_dq_kernel, DQ_CONFIGS, (dq,), False),
-    ):
-        if interp:
-            bm = bn = INTERP_BLOCK
-            extra = {}
-        else:
-            fp32 = q.dtype == torch.float32
-            bm, bn, warps, stages = BWD_CONFIG_FP32 if fp32 else configs[D]
-            extra = {"num_warps": warps, "num_stages": stages}
-        grid = (triton.cdiv(max_seqlen, bn if by_keys else bm), Hk if by_keys else Hq, B)
-        kernel[grid](q, k, v, do, lse, delta, *outs, cu_seqlens, *args, BLOCK_M=bm, BLOCK_N=bn,
-                     **common, **extra)  # fmt: skip
+    head = (q, k, v, do, lse, delta)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * B, Hk)  # key blocks
+    launch(attn_bwd_dkdv_kernel, attn_bwd_dkdv_tuned, grid, (*head, dk, dv, cu_seqlens, *tail),
+           consts)  # fmt: skip
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B, Hq)  # query blocks
+    launch(attn_bwd_dq_kernel, attn_bwd_dq_tuned, grid, (*head, dq, cu_seqlens, *tail), consts)
     return dq, dk, dv
