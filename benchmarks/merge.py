@@ -12,6 +12,12 @@ page cache, then times each contender as a child process (wall clock; peak RSS f
   the merge uses) while writing an output file of the merged size.
 Then ours + floor for other expert counts and for a `--big`x larger model (RSS stays flat).
 Ratios: ours / floor and mergekit / ours. Results: benchmarks/results/merge.{json,md}.
+
+    python benchmarks/merge.py --methods linear,ties,dare_linear,dare_ties,slerp --size-mb 100
+
+instead times each merge method once (e0 is the base; ties / dare_*: e1.. with weights 0.6 /
+0.5 / .. and density 0.5; slerp: e0 and e1, t 0.4) against mergekit-yaml and the I/O floor, with
+peak RSS; results: benchmarks/results/merge_methods.{json,md}, with the CPU model.
 """
 
 from __future__ import annotations
@@ -157,24 +163,36 @@ def warm(files: list[Path]) -> None:
     os.sync()
 
 
-def yaml_for(experts: list[Path], path: Path) -> Path:
-    lines = ["merge_method: linear", "dtype: bfloat16", "models:"]
-    lines += [f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts]
+def yaml_for(experts: list[Path], path: Path, method: str = "linear") -> Path:
+    """mergekit YAML: linear (equal weights), or `method` with experts[0] as the base."""
+    lines = [f"merge_method: {method}", "dtype: bfloat16", "models:"]
+    if method == "linear":
+        lines += [f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts]
+    elif method == "slerp":
+        lines = [*lines, f"  - model: {experts[0]}", f"  - model: {experts[1]}",
+                 f"base_model: {experts[0]}", "parameters: {t: 0.4}"]  # fmt: skip
+    else:
+        lines += [f"  - model: {e}\n    parameters: {{weight: {0.6 - 0.1 * k:.1f}, density: 0.5}}"
+                  for k, e in enumerate(experts[1:])]  # fmt: skip
+        lines.append(f"base_model: {experts[0]}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def measure(
-    experts: list[Path], work: Path, tag: str, *, mergekit: bool, reps: int, threads
-) -> dict:
+    experts: list[Path], work: Path, tag: str, *, mergekit: bool, reps: int, threads,
+    method: str = "linear",
+) -> dict:  # fmt: skip
     """Best-of-`reps` wall for ours and the floor (one mergekit run), page cache warm."""
+    if method == "slerp":
+        experts = experts[:2]
     files = sorted(f for e in experts for f in e.glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in files)
-    y = yaml_for(experts, work / f"{tag}.yaml")
+    y = yaml_for(experts, work / f"{tag}.yaml", method)
     out = work / f"out-{tag}"
     ours_cmd = [sys.executable, "-m", "r7b_fast.merge", "--config", str(y), "--out", str(out)]
     ours_cmd += ["--threads", str(threads)] if threads else []
-    res = {"case": tag, "experts": len(experts), "in_GB": in_bytes / 1e9}
+    res = {"case": tag, "method": method, "experts": len(experts), "in_GB": in_bytes / 1e9}
     nthreads = threads or min(os.cpu_count() or 1, 8)  # the merge's default
     floor_cmd = [sys.executable, "-c", FLOOR_CHILD, str(work / "floor.bin"), *map(str, files)]
     runs, floors = [], []
@@ -218,7 +236,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed at the end")
+    ap.add_argument("--methods", default="", help="comma list: time these methods instead")
     a = ap.parse_args(argv)
+    if a.methods:
+        return main_methods(a)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="r7b-merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -254,6 +275,42 @@ def main(argv=None) -> None:
     note = f"\nCPU cores: {os.cpu_count()}; load average at end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n"
     print(md + note)
     write_results("merge", {"rows": rows, "args": vars(a), "loadavg": load}, md + note)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main_methods(a) -> None:
+    """Each of `a.methods` on `a.experts` experts (e0 the base), once, vs mergekit and the floor."""
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="r7b-merge-methods-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        experts = [work / f"e{k}" for k in range(a.experts)]
+        for k, e in enumerate(experts):
+            write_expert(e, layers_for(a.size_mb), a.shards, seed=k)
+        for method in a.methods.split(","):
+            rows.append(measure(experts, work, method, mergekit=not a.no_mergekit, reps=a.reps,
+                                threads=a.threads, method=method))  # fmt: skip
+            print(rows[-1], file=sys.stderr)
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = ["method", "experts", "in_GB", "ours_s", "floor_s", "ours_over_floor", "mergekit_s",
+            "mergekit_over_ours", "ours_rss_MiB", "floor_rss_MiB", "mergekit_rss_MiB"]  # fmt: skip
+    load = os.getloadavg()
+    machine = f"{cpu_model()}, {os.cpu_count()} CPU cores (shared), page cache warm"
+    note = (f"\nMachine: {machine}; load average at end: {load[0]:.1f} {load[1]:.1f} "
+            f"{load[2]:.1f}. Wall seconds of one run each (--reps {a.reps}), bf16 experts of "
+            f"~{a.size_mb:g} MB; ours_s includes Python start-up and planning.\n")  # fmt: skip
+    md = markdown_table(rows, cols)
+    print(md + note)
+    write_results("merge_methods", {"rows": rows, "args": vars(a), "loadavg": load,
+                                    "machine": machine}, md + note)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ static std::string errno_msg(const char* what, const std::string& path) {
   return std::string(what) + " '" + path + "': " + std::strerror(errno);
 }
 
-static void pread_full(int fd, char* dst, int64_t n, int64_t off, const std::string& path) {
+void pread_full(int fd, char* dst, int64_t n, int64_t off, const std::string& path) {
   while (n > 0) {
     const ssize_t r = ::pread(fd, dst, size_t(n), off);
     if (r < 0) {

@@ -4,12 +4,16 @@
 // `in_dt` at `src_off[j]` in input file `src_file[j]` for every source j, and writes
 // sum_j coef[j] * x_j (fp32 fused multiply-adds in source order, rounded to nearest even) as
 // `out_dt` at `out_off` in output file `out_file`. A COPY task (non-floating tensors) reads
-// `numel` bytes from every source, checks that they are equal, and writes them.
+// `numel` bytes from every source, checks that they are equal, and writes them. A kMerge task
+// whose `method` is kGta (TIES / DARE) or kSlerp first gets per-tensor statistics in
+// Engine::prepare (engine_methods.cpp), then goes through the same chunk pipeline with the
+// method's element kernel (kernels.h gta_range; SLERP through the linear kernel).
 //
 // Execution: tasks are cut into chunks of at most `chunk_bytes` bytes per buffer. `threads` reader
 // threads pread every source of a chunk into a free buffer slot; `threads` compute threads
 // combine and pwrite it. There are 2 * threads slots, so reading overlaps computing and memory
-// stays at 2 * threads * (max sources + 1) * chunk_bytes whatever the model size.
+// stays at 2 * threads * (max sources + 1) * chunk_bytes whatever the model size (plus, for
+// TIES, one fp32 copy of the largest trimmed tensor during Engine::prepare).
 #pragma once
 
 #include <atomic>
@@ -75,6 +79,9 @@ std::vector<std::string> available_simd();
 // The path to use: `request` ("auto", "scalar", "avx2", "avx512"); "auto" honours the
 // R7B_MERGE_SIMD environment variable, else the best available. Throws std::invalid_argument.
 std::string choose_simd(const std::string& request);
+
+// Reads exactly n bytes at `off` (retrying short reads); IoError naming `path` on failure or EOF.
+void pread_full(int fd, char* dst, int64_t n, int64_t off, const std::string& path);
 
 // Throws std::invalid_argument if a task's method parameters are inconsistent.
 void check_method(const Task& k);

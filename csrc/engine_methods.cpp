@@ -6,12 +6,10 @@
 // of its largest trimmed tensor, whatever the thread count, never the model.
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <cmath>
 #include <functional>
 #include <stdexcept>
 #include <thread>
-#include <unistd.h>
 
 #include "engine.h"
 
@@ -43,18 +41,7 @@ void Engine::read_floats(const Task& k, size_t j, int64_t begin, int64_t count, 
   const int64_t isz = dtype_size(k.in_dt);
   const int f = k.src_file[j];
   raw.resize(size_t(count * isz));
-  // pread_full lives in engine.cpp; a short local loop keeps the error message the same
-  int64_t n = count * isz, off = k.src_off[j] + begin * isz;
-  char* p = raw.data();
-  while (n > 0) {
-    const ssize_t r = ::pread(in_fd_[f], p, size_t(n), off);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw IoError("read failed on '" + inputs_[f] + "'");
-    if (r == 0) throw IoError("unexpected end of file in '" + inputs_[f] + "' at byte " + std::to_string(off));
-    p += r;
-    n -= r;
-    off += r;
-  }
+  pread_full(in_fd_[f], raw.data(), count * isz, k.src_off[j] + begin * isz, inputs_[f]);
   for (int64_t i = 0; i < count; ++i) dst[i] = load_one(raw.data(), k.in_dt, size_t(i));
 }
 

@@ -526,3 +526,31 @@ def test_ties_memory_is_one_tensor_not_the_model(tmp_path):
     a = from_bits(np.frombuffer(raw["a"][2], np.uint16), "BF16")
     k = int(0.3 * n)
     assert np.all(a[:k] == 1.5) and np.all(a[k:] == 0)  # (1 + 2) / 2 where both kept
+
+
+def test_engine_method_tasks_check_arguments_and_name_files(tmp_path):
+    """The engine's own checks of a method tuple, and an I/O failure in the per-tensor pass
+    (before any chunk is written) naming the file."""
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(bytes(64))
+    dst.write_bytes(b"")
+
+    def task(numel=16, offs=(0, 0), method=None):
+        m = method or (_merge.GTA, _merge.MAGNITUDE, True, False, True, 1.0, [1.0, 0.5], [], 1, 0.0)
+        return ("x", _merge.MERGE, 0, 0, _merge.F32, numel, [0, 0], list(offs), _merge.F32,
+                [0.0, 1.0], m)  # fmt: skip
+
+    bad = [
+        ((_merge.GTA, _merge.MAGNITUDE, True, False, True, 1.0, [1.0, 0.0], [], 1, 0.0), "density"),
+        ((_merge.GTA, _merge.RANDOM, True, False, True, 1.0, [1.0, 0.5], [], 1, 0.0), "DARE key"),
+        ((_merge.GTA, 7, True, False, True, 1.0, [1.0, 0.5], [], 1, 0.0), "bad sparsify"),
+        ((_merge.SLERP, 0, False, False, False, 1.0, [1.0, 1.0], [], 1, 1.5), "t must be"),
+        ((_merge.SLERP, 0, False, False, False, 1.0, [1.0, 1.0], [], 3, 0.5), "bad row count"),
+        ((9, 0, False, False, False, 1.0, [1.0, 1.0], [], 1, 0.5), "bad method"),
+    ]
+    for m, match in bad:
+        with pytest.raises(ValueError, match=match):
+            _merge.Engine([str(src)], [str(dst)], [task(method=m)])
+    with pytest.raises(OSError, match="unexpected end of file in '.*in.bin'"):
+        _merge.Engine([str(src)], [str(dst)], [task(offs=(0, 32))]).run()  # 2nd source short
+    assert dst.read_bytes() == b""  # the per-tensor pass failed before any chunk was written
