@@ -19,6 +19,8 @@ precomputed references (zeros here) as our trainer does, Liger runs with use_ref
 --check compares ours against the torch twin (fp32 logits, the reference) and requires
 err(ours) <= 2 * err(plain torch in the same dtype) + floor for logp, dH and dW (normwise relative
 errors against the twin; floor 1e-5 for fp32, where both are at rounding level).
+The JSON's `schedule` records what our launchers chose at the shape (forward vocab splits,
+launch-group rows, backward chunk rows, each kernel's autotuned config once tuned).
 Results: a table on stdout and JSON + markdown via benchmarks._common.write_results
 ($R7B_RESULTS_DIR, else $OUT, else benchmarks/results/).
 """
@@ -240,6 +242,30 @@ def run_check(device) -> list[dict]:
     return [check_one(s, d, device) for s, d in cases]
 
 
+def _schedule(shape, device) -> dict:
+    """What our launchers chose at this shape: the forward's vocab splits, the launch-group rows,
+    the backward's chunk rows, and (once a run has tuned them) each kernel's autotuned config,
+    so a GPU result says which candidate it measured."""
+    import r7b_fast.kernels._fused_logprobs_triton as llp
+
+    N, H, V = shape
+    dev = torch.device(device)
+    cands = llp._cands("fwd")
+    group_rows = llp._group_rows(H, 2)
+    out = {
+        "fwd_splits": llp._fwd_splits(
+            -(-N // cands[0]["BLOCK_N"]), -(-V // max(c["BLOCK_V"] for c in cands)),
+            llp._num_sms(dev), max(1, group_rows // cands[0]["BLOCK_N"]),
+        ),
+        "group_rows": group_rows,
+        "chunk_rows": llp._chunk_rows(N, V, H, 2, llp._num_sms(dev), llp._free_bytes(dev)),
+    }  # fmt: skip
+    for kind in ("fwd", "dl", "dw", "dh"):
+        best = getattr(llp._tuned(kind, llp.interpreting()), "best_config", None)
+        out[f"autotuned_{kind}"] = None if best is None else str(best)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="correctness only (exit 1 on mismatch)")
@@ -262,13 +288,14 @@ def main(argv=None) -> int:
     env = env_info(device)
 
     def save(rows):
-        payload = {"rows": rows, "env": env}
+        payload = {"rows": rows, "env": env, "schedule": _schedule(shape, device)}
         if device.type == "cuda":  # goals are about the GPU; CPU smoke numbers mean nothing
             payload["summary"] = _summary(rows, shape[0], shape[1])
         write_results("linear_logprobs", payload, markdown_table(rows, cols))
 
     rows = run_timing(shape, torch.bfloat16, device, reps, on_row=save)
     print(markdown_table(rows, cols))
+    print("schedule:", _schedule(shape, device))
     if device.type == "cuda":
         print(markdown_table(_summary(rows, shape[0], shape[1])))
     return 0 if all(r.get("median_ms") for r in rows if r["method"].startswith("ours")) else 1
