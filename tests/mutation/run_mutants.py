@@ -87,6 +87,8 @@ MUTANTS = [
     ("T4", "train", T, [('s.scheduler.load_state_dict(state["scheduler"])', "pass")]),
     ("T5", "train", T, [("it.load_state_dict(data_state)", "pass")]),
     ("T6", "train", C, [('set_optimizer_state_dict(model, optimizer, state["optimizer"])', "pass")]),
+    # T6 is equivalent (dcp.load fills the optimizer's own state tensors in place); T6b drops them
+    ("T6b", "train", C, [('set_optimizer_state_dict(model, optimizer, state["optimizer"])', "optimizer.state.clear()")]),
     ("T7", "online", T, [('data_state = resume_state["data"] if mid_round else None', "data_state = None")]),
     ("T8", "train", T, [("max_norm if max_norm > 0 else float(\"inf\")", "float(\"inf\")")]),
     ("T9", "train", T, [("        s.scheduler.step()\n        s.optimizer.zero_grad(set_to_none=True)",
