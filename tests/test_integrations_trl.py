@@ -306,3 +306,28 @@ def test_dpo_peft_reference_is_the_adapter_disabled(tmp_path, tok):
     # policy + reference forwards, plus the policy's recomputation under checkpointing
     assert calls["linear_logprobs"] == 2 * STEPS * ACCUM
     assert calls["varlen_attention"] == 3 * STEPS * ACCUM * m_mine.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_evaluate_matches_trl(tmp_path, tok, kind):
+    """`trainer.evaluate()` (our prediction_step: loss only, through our kernels) gives TRL's
+    eval_loss and eval metrics."""
+    cls_pair, config_cls = ((trl.SFTTrainer, ours.SFTTrainer), SFTConfig) if kind == "sft" else (
+        (trl.DPOTrainer, ours.DPOTrainer), DPOConfig)  # fmt: skip
+    data = sft_data("prompt_completion") if kind == "sft" else dpo_data()
+    extra = dict(max_length=40) if kind == "dpo" else {}
+    out = {}
+    for name, cls in zip(("trl", "ours"), cls_pair, strict=True):
+        kw = {"kernel_backend": "torch"} if cls.__module__.startswith("r7b_fast") else {}
+        if kind == "dpo":
+            kw["ref_model"] = cohere(seed=1)  # a reference that differs from the policy
+        args = config_cls(**common_args(tmp_path, name, per_device_eval_batch_size=3, **extra))
+        trainer = cls(model=cohere(), args=args, train_dataset=data, eval_dataset=data,
+                      processing_class=tok, **kw)  # fmt: skip
+        with kernel_calls() as calls:
+            out[name] = trainer.evaluate()
+    keys = ["eval_loss"] + ([f"eval_{k}" for k in DPO_METRICS[3:]] if kind == "dpo" else [])
+    rewards = [k for k in keys if "rewards/" in k]
+    assert_same_logs([out["trl"]], [out["ours"]], keys, abs_keys=rewards)
+    batches = -(-len(data) // 3)
+    assert calls["linear_logprobs"] == batches * (2 if kind == "dpo" else 1), dict(calls)
