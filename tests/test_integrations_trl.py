@@ -12,6 +12,8 @@ torch backends here (fast); `test_triton_interpreted` runs the Triton kernels (i
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import trl
@@ -57,9 +59,27 @@ def sft_data(kind: str) -> Dataset:
     if kind == "prompt_completion":  # completion_only_loss (TRL's default for this format)
         rows = [{"prompt": user(i), "completion": [{"role": "assistant",
                  "content": f"{2 * i} is the sum " * (1 + i % 3)}]} for i in range(8)]  # fmt: skip
+    elif kind == "conversation":  # two assistant turns: assistant_only_loss trains both
+        rows = [{"messages": [*user(i), {"role": "assistant", "content": f"{2 * i} it is"},
+                              {"role": "user", "content": "sure?"},
+                              {"role": "assistant", "content": "yes " * (1 + i % 3)}]}
+                for i in range(8)]  # fmt: skip
     else:  # plain text, packed by TRL (bfd) into max_length rows
         rows = [{"text": f"the number {i} doubled is {2 * i}. " * (1 + i % 4)} for i in range(12)]
     return Dataset.from_list(rows)
+
+
+def generation_marked(tok):
+    """A copy of the tokenizer whose chat template marks assistant turns (end-of-turn included)
+    with {% generation %}, which TRL's assistant_only_loss needs."""
+    tok = copy.deepcopy(tok)
+    turn = "<|START_OF_TURN_TOKEN|>{{ role }}{{ message['content'] }}<|END_OF_TURN_TOKEN|>"
+    body = "{{ message['content'] }}<|END_OF_TURN_TOKEN|>"
+    marked = ("<|START_OF_TURN_TOKEN|>{{ role }}{% if message['role'] == 'assistant' %}"
+              f"{{% generation %}}{body}{{% endgeneration %}}{{% else %}}{body}{{% endif %}}")  # fmt: skip
+    assert turn in tok.chat_template
+    tok.chat_template = tok.chat_template.replace(turn, marked)
+    return tok
 
 
 def dpo_data() -> Dataset:
@@ -132,11 +152,19 @@ def assert_kernels_ran(calls, model):
             dict(learning_rate=0.5, packing=True, max_length=48),
             marks=pytest.mark.slow,
         ),
+        pytest.param(
+            cohere,
+            "conversation",
+            dict(learning_rate=0.5, assistant_only_loss=True),
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["cohere-completion_only", "llama-dft", "cohere-packed_text"],
+    ids=["cohere-completion_only", "llama-dft", "cohere-packed_text", "cohere-assistant_only"],
 )
 def test_sft_matches_trl(tmp_path, tok, make_model, data_kind, cfg):
     data = sft_data(data_kind)
+    if cfg.get("assistant_only_loss"):
+        tok = generation_marked(tok)
     theirs, m_theirs, _ = run(trl.SFTTrainer, SFTConfig, tmp_path, "trl", make_model(), data,
                               tok, **cfg)  # fmt: skip
     mine, m_mine, calls = run(ours.SFTTrainer, SFTConfig, tmp_path, "ours", make_model(), data,
