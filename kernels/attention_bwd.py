@@ -79,9 +79,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         p_t = tl.exp2(s_t - lse[None, :])
         if (start_m < a) | (start_m >= c):  # edge tile
             p_t = tl.where(tl.trans(visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)), p_t, 0.0)
+        p_op = p_t  # the dot operand; dS below takes the unrounded fp32 P, as on the GPU
         if ROUND:  # interpreter: P rounded to the operand dtype, as the GPU's dot takes it
-            p_t = p_t.to(q_base.dtype.element_ty).to(tl.float32)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            p_op = p_t.to(q_base.dtype.element_ty).to(tl.float32)
+        dv += tl.dot(p_op.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         if ROUND:  # and dS likewise
