@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from r7b_fast.kernels import attention_fwd
+from r7b_fast.kernels import attention_bwd, attention_fwd
 from r7b_fast.kernels.attention import varlen_attention, varlen_attention_reference
 
 pytestmark = pytest.mark.triton_interpret
 BLOCK = attention_fwd.INTERP_BLOCK  # 16
 # lengths around 1, 2 and 3 tiles (partial, full and one-past-full tiles) and a short one
+_real_bounds = attention_bwd.query_tile_bounds
 LENS = [1, BLOCK - 1, BLOCK, BLOCK + 1, BLOCK + 2, 2 * BLOCK + 2, 3 * BLOCK + 1, 3 * BLOCK + 2]
 
 
@@ -97,3 +100,26 @@ def test_bf16_rounds_p_and_ds_as_the_gpu_and_stays_within_bf16_bound(monkeypatch
     unrounded = run(varlen_attention, q, k, v, do, cu, max(lens), backend="triton", **kw)
     for name, a, u in zip(("out", "dq", "dk", "dv"), ours, unrounded):
         assert not torch.equal(a, u), f"{name}: rounding P/dS to bf16 changed nothing"
+
+
+@triton.jit
+def _bounds_one_short(k0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """attention_bwd.query_tile_bounds with issue 15's off-by-one: the windowed query bound one
+    row short (k0 + BLOCK_N - 2 + window), which loses a query tile only at window = 2 mod 16."""
+    lo, a, b, hi = _real_bounds(k0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_WINDOW:
+        hi = tl.minimum(L, k0 + BLOCK_N - 2 + window)
+        a = tl.minimum(a, hi)
+        b = tl.minimum(tl.maximum(b, a), hi)
+    return lo, a, b, hi
+
+
+@pytest.mark.skipif(not attention_fwd.interpreting(), reason="swaps a jit helper: interpreter")
+def test_the_sweep_catches_the_query_bound_off_by_one(monkeypatch):
+    """The sweep's power: with the off-by-one planted, window 2 (in the fast half) fails on dK
+    while window 3 still passes (the mutant is invisible off its residue, as in issue 15)."""
+    monkeypatch.setattr(attention_bwd, "query_tile_bounds", _bounds_one_short)
+    check_fp32(LENS, True, 3)
+    with pytest.raises(AssertionError, match="'dk'"):
+        check_fp32(LENS, True, 2)
