@@ -296,3 +296,15 @@ def test_autotune_candidates_and_keys():
         for c in llp_triton._tuned("fwd", False).configs
     }
     assert (128, 256) in blocks
+
+
+def test_kernel_calls_nested_blocks_with_equal_counts():
+    """Leaving a nested block removes that block's counter, not an outer one with equal counts."""
+    from r7b_fast.kernels import kernel_calls
+
+    h, w, t = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 1, 2])
+    with kernel_calls() as outer:
+        with kernel_calls() as inner:  # both empty (equal) when the inner block ends
+            pass
+        linear_logprobs(h, w, t, backend="torch")
+    assert outer["linear_logprobs"] == 1 and inner["linear_logprobs"] == 0
