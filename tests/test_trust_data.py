@@ -137,3 +137,12 @@ def test_task_arithmetic_normalize_refuses_weights_summing_to_zero(weights):
     # and without normalize a zero sum is fine: base + tau_1 - tau_2
     assert coefficients("task_arithmetic", 3, [0.0, 1.0, -1.0], 0, False) == [
         (0, 1.0), (1, 1.0), (2, -1.0)]  # fmt: skip
+
+
+def test_linear_coefficients_normalise_by_the_weight_sum():
+    # w / sum(w) in fp32, each model kept in order; without normalize the weights as given
+    assert coefficients("linear", 3, [1.0, 2.0, 1.0], None, None) == [(0, 0.25), (1, 0.5),
+                                                                       (2, 0.25)]  # fmt: skip
+    assert coefficients("linear", 2, [1.5, -0.25], None, False) == [(0, 1.5), (1, -0.25)]
+    with pytest.raises(MergeError, match="sum to 0"):
+        coefficients("linear", 2, [1.0, -1.0], None, True)
