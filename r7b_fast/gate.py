@@ -217,7 +217,7 @@ def _train(spec: dict, out: Path, files: list[Path]) -> Path:
         key_file.write_text(json.dumps({"key": key}))
     if spec.get("launcher", "inprocess") == "subprocess":
         cmd = [sys.executable, "-m", "r7b_fast.train", spec["config"], *args]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent())
+        subprocess.run(die_with_parent(cmd), check=True, stdout=subprocess.DEVNULL)
     else:
         from r7b_fast.config import load_config
         from r7b_fast.train import run

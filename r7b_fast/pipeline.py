@@ -157,8 +157,8 @@ def run_train(st: Stage, d: Path, ctx: Context) -> dict:
         logf.write(("$ " + " ".join(cmd) + "\n").encode())
         logf.flush()
         # the trainer dies with the pipeline, even a kill -9 of it (no orphan keeps training)
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=False,
-                              preexec_fn=die_with_parent())  # fmt: skip
+        proc = subprocess.run(die_with_parent(cmd), stdout=logf, stderr=subprocess.STDOUT,
+                              check=False)  # fmt: skip
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         raise RuntimeError(f"stage {st.name}: trainer exited with {proc.returncode}; "

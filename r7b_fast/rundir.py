@@ -33,7 +33,6 @@ flock when its process dies, so a lock left by a killed trainer is taken over si
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -393,25 +392,22 @@ class RunLock:
 
 # ----------------------------------------------------------------------------- child processes
 
-_PR_SET_PDEATHSIG = 1
+# Runs before the real command, then exec()s it (same pid): the death signal survives exec, and
+# nothing runs between fork and exec in the parent's image (a preexec_fn is unsafe with threads).
+_TIE = ("import ctypes,os,sys;ctypes.CDLL(None).prctl(1,int(sys.argv[1]),0,0,0);"
+        "os.getppid()==int(sys.argv[2]) or os._exit(128+int(sys.argv[1]));"
+        "os.execvp(sys.argv[3],sys.argv[3:])")  # fmt: skip
 
 
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A `preexec_fn` for subprocess: on Linux the child receives `sig` when this process dies,
-    even by SIGKILL (prctl PR_SET_PDEATHSIG). SIGTERM lets torchrun stop its workers; a plain
-    trainer dies of it. Elsewhere: None (and a one-time warning), children may outlive us."""
+def die_with_parent(cmd: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """`cmd` wrapped so that, on Linux, the child receives `sig` when this process dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG, set by a tiny Python prologue that then execs `cmd`). SIGTERM
+    lets torchrun stop its workers; a plain trainer dies of it. Elsewhere: `cmd` unchanged (and a
+    one-time warning): children may outlive us."""
     if not sys.platform.startswith("linux"):
         _warn_once("child processes are not tied to this process outside Linux")
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def preexec():
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
+        return list(cmd)
+    return [sys.executable, "-c", _TIE, str(int(sig)), str(os.getpid()), *cmd]
 
 
 _WARNED: set[str] = set()
