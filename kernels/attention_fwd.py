@@ -8,12 +8,15 @@ Tile skipping: positions are relative to the sequence start, so a query block [q
 visits key tiles in [lo, hi): hi = min(L, q0 + BM) when causal (nothing above the diagonal),
 lo = q0 - window + 1 rounded down to the tile when windowed (nothing left of the band), and the
 other sequences of the row are never touched. [lo, hi) runs as three loops: the window-edge
-tiles and the diagonal/sequence-end tiles build a mask and bound their loads, the interior tiles
-(wholly visible to every row of the block) do neither. So work grows with attended pairs, not T^2.
+tiles and the diagonal/sequence-end tiles build a mask and keep their loads in bounds (keys past
+the sequence end clamped to its last), the interior tiles (wholly visible to every row of the
+block) do neither. So work grows with attended pairs, not T^2.
 
 Grid: axis 0 = query blocks x sequences (sequence fastest, heaviest blocks first), axis 1 = query
 heads; axis 0 holds up to 2^31 - 1 programs, so any number of sequences runs (grid z, 65,535 at
 most on CUDA, is not used). The launcher reads no tensor on the host: max_seqlen is the caller's.
+Offsets: sequence starts and heads in int64; offsets inside one sequence in int32, so one
+sequence may hold up to 2^31 / (H * D) tokens (524,288 at 32 heads x 128).
 On the GPU the tile config is chosen by triton.autotune among AOT-checked candidates
 (`FWD_CANDIDATES`, `autotuned_configs()` in attention.py reports the choice); under the
 interpreter the kernel runs untuned INTERP_BLOCK tiles, P rounded to the input dtype (ROUND).
