@@ -370,7 +370,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=Non
 def _aot_specs() -> list[AotSpec]:
     """Every bf16, head-dim-128 config the GPU's autotuner may pick for the three attention
     kernels (causal, and causal + window), and the small Delta = rowsum(dO * O) kernel of the
-    backward, at the JIT's specialisation for R7B's shapes: pointers 16-byte aligned and strides,
+    backward (the dK/dV kernel in both backward schedules: "split", and "atomic" whose label says
+    +atomic_dq), at the JIT's specialisation for R7B's shapes: pointers 16-byte aligned and strides,
     T and the window multiples of 16 (`divisible`; T is any packed length, the GPU runs full
     multiples of 16 in training and benchmarks). B (the number of sequences) is not."""
     fwd = triton_module("r7b_fast.kernels.attention_fwd")
@@ -382,25 +383,31 @@ def _aot_specs() -> list[AotSpec]:
     fwd_sig |= {**strides, "T": i32, "window": i32, "qk_scale": f32, "B": i32}
     bwd_sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32"}
     tail = {**strides, "T": i32, "window": i32, "qk_scale": f32, "sm_scale": f32, "B": i32}
-    dkdv_sig = {**bwd_sig, "DK": ptr, "DV": ptr, "CU": "*i32", **tail}
+    dkdv_sig = {**bwd_sig, "DK": ptr, "DV": ptr, "DQ_ACC": ptr, "CU": "*i32", **tail}
     dq_sig = {**bwd_sig, "DQ": ptr, "CU": "*i32", **tail}
     consts = ["GROUP", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW", "CAST", "ROUND"]
     consts.append("DOT_PREC")
     specs = []
+    atomic_sig = {**dkdv_sig, "DQ_ACC": "*fp32"}  # split schedule: DQ_ACC is dq, unused
     for name, sig, candidates in (
         ("attention_fwd:attn_fwd_kernel", fwd_sig, fwd.FWD_CANDIDATES[128]),
         ("attention_bwd:attn_bwd_dkdv_kernel", dkdv_sig, bwd.DKDV_CANDIDATES[128]),
+        ("attention_bwd:attn_bwd_dkdv_kernel+atomic_dq", atomic_sig, bwd.ATOMIC_CANDIDATES[128]),
         ("attention_bwd:attn_bwd_dq_kernel", dq_sig, bwd.DQ_CANDIDATES[128]),
     ):
         divisible = [a for a, t in sig.items() if t not in (f32, "constexpr") and a != "B"]
         for (bm, bn, warps, stages), has_window in itertools.product(candidates, (False, True)):
             vals = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True,
                         HAS_WINDOW=has_window, CAST=False, ROUND=False, DOT_PREC="tf32")  # fmt: skip
+            names = consts
+            if "DQ_ACC" in sig:  # dK/dV kernel: the split or the atomic-dQ schedule
+                vals["ATOMIC_DQ"] = name.endswith("+atomic_dq")
+                names = [*consts, "ATOMIC_DQ"]
             kind = "window" if has_window else "causal"
             specs.append(
                 AotSpec(
-                    target=f"r7b_fast.kernels.{name}",
-                    signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                    target=f"r7b_fast.kernels.{name.split('+')[0]}",
+                    signature={**sig, **dict.fromkeys(names, "constexpr")},
                     constexprs=vals,
                     num_warps=warps,
                     num_stages=stages,
@@ -427,13 +434,15 @@ def _aot_specs() -> list[AotSpec]:
 
 def autotuned_configs() -> dict[str, dict[str, str]]:
     """The tile configs triton.autotune chose in this process, per kernel ('attn_fwd',
-    'attn_bwd_dkdv', 'attn_bwd_dq'), as {str(tuning key): str(config)}; the key is (HEAD_DIM,
+    'attn_bwd_dkdv', 'attn_bwd_dq'; 'attn_bwd_atomic': the dK/dV kernel of the atomic-dQ
+    backward schedule), as {str(tuning key): str(config)}; the key is (HEAD_DIM,
     GROUP, CAUSAL, HAS_WINDOW, DOT_PREC, the tensors' dtypes). Empty until the Triton path ran on a
     GPU (the interpreter runs fixed tiles, untuned). For the GPU suite to print with its results."""
     fwd = triton_module("r7b_fast.kernels.attention_fwd")
     bwd = triton_module("r7b_fast.kernels.attention_bwd")
     tuners = {"attn_fwd": fwd.attn_fwd_tuned, "attn_bwd_dkdv": bwd.attn_bwd_dkdv_tuned,
-              "attn_bwd_dq": bwd.attn_bwd_dq_tuned}  # fmt: skip
+              "attn_bwd_dq": bwd.attn_bwd_dq_tuned,
+              "attn_bwd_atomic": bwd.attn_bwd_atomic_tuned}  # fmt: skip
     return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in tuners.items()}
 
 

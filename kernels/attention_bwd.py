@@ -1,4 +1,5 @@
-"""Varlen flash-attention backward: a dK/dV kernel and a dQ kernel, no atomics (see attention.py).
+"""Varlen flash-attention backward: a dK/dV kernel and a dQ kernel, no atomics (see attention.py);
+a second schedule ("atomic", see SCHEDULE) adds dQ with fp32 atomics in the dK/dV kernel instead.
 
 With P = exp2(S * scale*log2e - lse) recomputed from the saved lse and Delta_i = sum_d dO_id O_id:
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
@@ -15,6 +16,8 @@ interpreter's rounding mode (ROUND) are the forward's (attention_fwd.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -55,15 +58,16 @@ def query_tile_bounds(k0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.conste
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols,
-                offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                stride_ot, cols, offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, CAST: tl.constexpr, ROUND: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr):  # fmt: skip
     """Query tiles [lo, hi) against one key block; those outside the interior [a, c) are edge
     tiles (diagonal, window edge, sequence end) and mask P. One loop with a runtime branch, not
     the forward's three loops: on sm_90 (Triton 3.6, AOT) three loops inside the GQA loop put
     48-264 B per thread on the stack. Rows past the sequence end are clamped to its last row
-    (always in bounds, no load masks) and their P masked to 0."""
+    (always in bounds, no load masks) and their P masked to 0. ATOMIC_DQ (the "atomic" schedule)
+    also adds dS K (unscaled) into the fp32 dQ accumulator at dq_base with atomics."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         rows_in = tl.minimum(rows, L - 1)
@@ -88,16 +92,21 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if ROUND:  # and dS likewise
             ds_t = ds_t.to(q_base.dtype.element_ty).to(tl.float32)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        if ATOMIC_DQ:  # 5 matmuls per tile pair instead of 7 (no dQ kernel recomputing S, dP)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BM, D)
+            tl.atomic_add(dq_base + r * stride_qt + offs_d[None, :], dq, mask=(rows < L)[:, None])
     return dk, dv
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_qh, stride_kt,
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU, stride_qt, stride_qh, stride_kt,
                          stride_kh, stride_ot, stride_oh, T, window, qk_scale, sm_scale, B,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         CAST: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    # Q and DO share strides (stride_qt/qh), K/V/DK/DV share (stride_kt/kh); DO is O-shaped.
+                         CAST: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr,
+                         ATOMIC_DQ: tl.constexpr):  # fmt: skip
+    # Q, DQ_ACC (fp32 [T, Hq, D]; used only with ATOMIC_DQ) and DO share strides (stride_qt/qh),
+    # K/V/DK/DV share (stride_kt/kh); DO is O-shaped.
     # Grid axis 0 = key blocks x B sequences (see seq_and_block), axis 1 = kv heads.
     b, pid_n = seq_and_block(B)
     kvh = tl.program_id(1)
@@ -127,10 +136,12 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_
         do_base = DO + start64 * stride_ot + h * stride_oh
         lse_base = LSE + h.to(tl.int64) * T + start
         delta_base = DELTA + h.to(tl.int64) * T + start
+        dq_base = DQ_ACC + start64 * stride_qt + h * stride_qh
         # [lo, a): diagonal tiles; [a, c): interior (no mask); [c, hi): window edge, end
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                             stride_ot, cols, offs_d, lo, a, c, hi, L, window, qk_scale, CAUSAL,
-                             HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_M)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                             stride_qt, stride_ot, cols, offs_d, lo, a, c, hi, L, window, qk_scale,
+                             CAUSAL, HAS_WINDOW, CAST, ROUND, DOT_PREC, BLOCK_M,
+                             ATOMIC_DQ)  # fmt: skip
     tl.store(DK + kv_base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_base + kv_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -244,6 +255,18 @@ DELTA_BLOCK_T = 64  # as in AOT_SPECS
 
 attn_bwd_dkdv_tuned = tuned(attn_bwd_dkdv_kernel, DKDV_CANDIDATES, BWD_CONFIG_FP32)
 attn_bwd_dq_tuned = tuned(attn_bwd_dq_kernel, DQ_CANDIDATES, BWD_CONFIG_FP32)
+# The atomic schedule's dK/dV kernel (ATOMIC_DQ) accumulates dQ into DQ_ACC, zeroed before every
+# tuning run. At 32x128 it puts 24 B per thread on the stack (sm_90, Triton 3.6): 32x64 only.
+ATOMIC_CANDIDATES = {**DKDV_CANDIDATES, 128: [(32, 64, 8, 2)]}
+attn_bwd_atomic_tuned = tuned(attn_bwd_dkdv_kernel, ATOMIC_CANDIDATES, BWD_CONFIG_FP32,
+                              reset_to_zero=["DQ_ACC"])  # fmt: skip
+
+# Backward schedule: "split" (default) = the dK/dV kernel + the dQ kernel, 7 matmuls per tile
+# pair, no atomics, deterministic; "atomic" = the dK/dV kernel also adds dS K into an fp32 dQ
+# (atomics, 5 matmuls, no dQ kernel; summation order varies run to run). Set this attribute or
+# R7B_ATTN_BWD_SCHEDULE; the benchmarks measure both side by side.
+SCHEDULES = ("split", "atomic")
+SCHEDULE = os.environ.get("R7B_ATTN_BWD_SCHEDULE", "split")
 
 
 def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scale):
@@ -273,8 +296,16 @@ def attn_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, window, scal
     )  # fmt: skip
     head = (q, k, v, do, lse, delta)
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * B, Hk)  # key blocks
-    launch(attn_bwd_dkdv_kernel, attn_bwd_dkdv_tuned, grid, (*head, dk, dv, cu_seqlens, *tail),
-           consts)  # fmt: skip
+    if SCHEDULE == "atomic":
+        dq_acc = torch.zeros_like(q, dtype=torch.float32)  # q's strides (q is contiguous)
+        args = (*head, dk, dv, dq_acc, cu_seqlens, *tail)
+        launch(attn_bwd_dkdv_kernel, attn_bwd_atomic_tuned, grid, args,
+               {**consts, "ATOMIC_DQ": True})  # fmt: skip
+        return (dq_acc * scale).to(q.dtype), dk, dv
+    if SCHEDULE != "split":
+        raise ValueError(f"attention_bwd.SCHEDULE must be one of {SCHEDULES}, got {SCHEDULE!r}")
+    launch(attn_bwd_dkdv_kernel, attn_bwd_dkdv_tuned, grid,
+           (*head, dk, dv, dq, cu_seqlens, *tail), {**consts, "ATOMIC_DQ": False})  # fmt: skip
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * B, Hq)  # query blocks
     launch(attn_bwd_dq_kernel, attn_bwd_dq_tuned, grid, (*head, dq, cu_seqlens, *tail), consts)
     return dq, dk, dv
