@@ -22,6 +22,7 @@ $OUT, else benchmarks/results/), with the issue's goals as summary rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -101,7 +102,8 @@ def implementations(lens, window, q, k, v, cu):
     rep = hq // k.shape[1]
     max_len, dense = max(lens), len(lens) == 1 and window is None
     qkv = (q, k, v)
-    impls = {"ours": (lambda q, k, v: varlen_attention(q, k, v, cu, max_len, window=window), qkv)}
+    ours = lambda q, k, v: varlen_attention(q, k, v, cu, max_len, window=window)
+    impls = {"ours": (ours, qkv), "ours_atomic": (ours, qkv)}  # see BWD_SCHEDULE
     to4 = lambda x: x.transpose(0, 1)[None]  # (1, H, T, D)
     mask = None if dense else dense_mask(lens, window, q.device)
 
@@ -151,6 +153,27 @@ def implementations(lens, window, q, k, v, cu):
 GOAL_PEER = {"causal_8k": "sdpa_flash", "packed_16k": "flex", "window_16k": "flex"}
 
 
+# Our backward's second schedule (dQ by fp32 atomics inside the dK/dV kernel), timed side by side
+# with the default ("split": a dK/dV kernel and a dQ kernel); the forward is the same kernel.
+BWD_SCHEDULE = {"ours": "split", "ours_atomic": "atomic"}
+
+
+@contextlib.contextmanager
+def bwd_schedule(impl: str):
+    """Run our Triton backward with `impl`'s schedule inside the block (no-op for peers)."""
+    if impl not in BWD_SCHEDULE:
+        yield
+        return
+    from r7b_fast.kernels import attention_bwd
+
+    before = attention_bwd.SCHEDULE
+    attention_bwd.SCHEDULE = BWD_SCHEDULE[impl]
+    try:
+        yield
+    finally:
+        attention_bwd.SCHEDULE = before
+
+
 def time_one(name, impl, f, inputs, do, lens, window, shapes, device) -> list[dict]:
     """Rows for fwd and fwd+bwd of one implementation on one workload."""
     pairs = sum(attended_pairs(n, window) for n in lens)
@@ -164,7 +187,8 @@ def time_one(name, impl, f, inputs, do, lens, window, shapes, device) -> list[di
                    window=window, pairs=pairs)  # fmt: skip
         try:
             reps = 10 if device == "cuda" else 2
-            ms = bench(fn, device, warmup=3, reps=reps, max_seconds=3)["median_ms"]
+            with bwd_schedule(impl):
+                ms = bench(fn, device, warmup=3, reps=reps, max_seconds=3)["median_ms"]
             rows.append({**row, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 2)})
         except Exception as e:  # noqa: BLE001 - a peer that fails (OOM, no backward) is a row
             rows.append({**row, "error": f"{type(e).__name__}: {e}"[:160]})
@@ -188,6 +212,7 @@ def bench_all(smoke: bool, budget_s: float, flush=None) -> list[dict]:
         q, k, v, do, cu = make_inputs(lens, device=device, **shapes)
         setups[name] = (lens, window, do, implementations(lens, window, q, k, v, cu))
     order = [(n, "ours") for n in setups] + [(n, GOAL_PEER.get(n)) for n in setups]
+    order += [(n, "ours_atomic") for n in setups]
     order += [(n, i) for n, st in setups.items() for i in st[3] if (n, i) not in order]
     rank = {n: i for i, n in enumerate(setups)}
     rows, t0 = [], time.perf_counter()
@@ -211,7 +236,8 @@ def bench_all(smoke: bool, budget_s: float, flush=None) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ours_speedup = peer ms / our ms (> 1: we are faster), same workload and mode."""
+    """ours_speedup = peer ms / our ms (> 1: we are faster; for ours_atomic: > 1 means the
+    default split schedule is faster), same workload and mode."""
     ours = {(r["workload"], r["mode"]): r["ms"] for r in rows if r["impl"] == "ours" and "ms" in r}
     for r in rows:
         key = (r["workload"], r["mode"])
@@ -234,6 +260,17 @@ def summary(rows: list[dict]) -> list[dict]:
         goal_row("attention fwd+bwd speed-up vs SDPA flash (8k causal)",
                  get("causal_8k", "sdpa_flash", "fwd+bwd", "ours_speedup"), 1.0),
     ]  # fmt: skip
+
+
+def autotuned() -> dict:
+    """The tile configs Triton's autotuner chose for our kernels in this process (empty on the
+    CPU), or the error that prevented reading them."""
+    try:
+        from r7b_fast.kernels.attention import autotuned_configs
+
+        return autotuned_configs()
+    except Exception as e:  # noqa: BLE001 - e.g. no triton: the report says why
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def reference(q, k, v, cu, window, chunk=1024):
@@ -303,6 +340,7 @@ def main(argv=None) -> int:
         rows = [dict(r) for r in rows]
         add_ratios(rows)
         payload = {"rows": rows, "summary": summary(rows), "complete": final}
+        payload["autotuned"] = autotuned()
         write_results("attention", payload, markdown_table(rows, cols))
         if final:
             print(markdown_table(rows, cols))

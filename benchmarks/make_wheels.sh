@@ -12,6 +12,8 @@
 #   datasets, dill, multiprocess our own dependency (r7b_fast.data.sources)
 #   mergekit, pydantic, pydantic-core, annotated-types, typing-inspection, immutables
 #                                merge benchmark's peer
+#   setuptools                   building r7b-fast without build isolation: its PEP 639 license
+#                                metadata needs setuptools >= 77 (the image's may be older)
 # One version of each (two stop the install); versions match this machine's .venv so the CPU
 # dry-run exercises the same peer code. gpu_suite.sh installs them with
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl ; export PYTHONPATH=/tmp/site
@@ -30,6 +32,7 @@ WHEELS=(
   annotated-types==0.8.0
   typing-inspection==0.4.5
   immutables==0.21
+  setuptools==84.2.1
 )
 
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore ||

@@ -36,3 +36,14 @@ def test_main_writes_complete_results(monkeypatch, tmp_path):
     payload = json.loads((tmp_path / "attention.json").read_text())
     assert payload["complete"] is True and len(payload["rows"]) >= 12
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_bwd_schedule_switches_and_restores():
+    from r7b_fast.kernels import attention_bwd
+
+    before = attention_bwd.SCHEDULE
+    with ba.bwd_schedule("ours_atomic"):
+        assert attention_bwd.SCHEDULE == "atomic"
+    with ba.bwd_schedule("flex"):  # a peer: untouched
+        assert attention_bwd.SCHEDULE == before
+    assert attention_bwd.SCHEDULE == before
