@@ -96,9 +96,10 @@ def test_mid_round_resume_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_documented_tiny_chain_makes_pairs_and_trains(tmp_path):
     """The README's chain with the built-in tiny configs as shipped (only the run dirs, the
-    input model and one CPU thread set): the on-policy stage finds pairs and changes the
-    model it was given (~2 min on one core)."""
-    quiet = ["logging.progress_bar=false", "run.cpu_threads=1"]
+    input model, one CPU thread and the kernels' torch twins set: conftest's Triton interpreter
+    takes minutes per step): the on-policy stage finds pairs and changes the model it was
+    given (~2 min on one core)."""
+    quiet = ["logging.progress_bar=false", "run.cpu_threads=1", "model.kernel_backend=torch"]
     sft, dpo, online = tmp_path / "sft", tmp_path / "dpo", tmp_path / "online"
     train.run(load_config("sft_tiny", [f"run.output_dir={sft}", *quiet]))
     train.run(load_config("dpo_tiny", [f"run.output_dir={dpo}", f"model.path={dpo.parent}/sft/hf",
