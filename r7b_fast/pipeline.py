@@ -12,6 +12,8 @@ linear list of stages, each with its own directory `work_dir/<stage>/`:
     sft_<expert>...            1. one SFT run per expert dataset, all from the same base
     sft_merge                  -> linear merge, equal weights by default (sft.merge_weights)
     sft_merge_perf             ablation: performance-weighted merge (not used downstream)
+    sft_merge_alt              ablation: the experts merged by sft.ablation_merge's method (e.g.
+                               ties), evaluated beside the linear merge (not used downstream)
     dpo, dpo_merge             2. offline DPO from the generalist -> merge with the generalist
     online_r1..online_rR       3. on-policy DPO rounds, each from the previous round
     online_merge               -> merge the last round with the DPO generalist

@@ -30,7 +30,15 @@ TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_override
 SECTION_KEYS = {
     "base": {"path", "tiny_overrides", "pretrain"},
     "data": {"n_train", "n_eval", "difficulty", "system"},
-    "sft": {"config", "experts", "merge_weights", "merge", "ablation", "ablation_metric"},
+    "sft": {
+        "config",
+        "experts",
+        "merge_weights",
+        "merge",
+        "ablation",
+        "ablation_metric",
+        "ablation_merge",
+    },
     "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge"},
     "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"},
     "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
@@ -106,6 +114,10 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     _check_merge("sft.merge", spec["sft"].get("merge"), len(experts), base_listed=False)
+    alt = spec["sft"].get("ablation_merge")
+    if alt is not None and not (isinstance(alt, dict) and alt.get("method")):
+        raise PipelineError(f"sft.ablation_merge: a merge section with a `method`, got {alt!r}")
+    _check_merge("sft.ablation_merge", alt, len(experts), base_listed=False)
     for sec in ("dpo", "online_dpo"):
         if spec[sec]:
             _check_weights(f"{sec}.merge_weights", spec[sec].get("merge_weights"), 2)
@@ -341,6 +353,13 @@ def _sft_stages(g: _StageList, sft: dict, model: str) -> str:
         g.stages.append(Stage("sft_merge_perf", "merge", deps, perf,
                               label="SFT merged (perf-weighted)"))  # fmt: skip
         g.add_eval("sft_merge_perf", "SFT merged (perf-weighted, ablation)")
+    alt = sft.get("ablation_merge")
+    if alt:  # the experts merged by another method (e.g. ties), evaluated beside the main merge
+        spec = _merge_spec(experts, sft.get("merge_weights"), alt, model)
+        deps = experts + ([model] if "base" in spec else [])
+        g.stages.append(Stage("sft_merge_alt", "merge", deps, spec,
+                              label=f"SFT merged ({alt['method']})"))  # fmt: skip
+        g.add_eval("sft_merge_alt", f"SFT merged ({alt['method']}, ablation)")
     return "sft_merge"
 
 

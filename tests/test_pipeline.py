@@ -280,6 +280,8 @@ def test_performance_weights():
         ({"sft.experts": []}, "sft.experts"),
         ({"online_dpo.rounds": 0}, "online_dpo.rounds"),
         ({"sft.ablation": "best"}, "sft.ablation"),
+        ({"sft.ablation_merge": {"density": 0.5}}, "sft.ablation_merge"),
+        ({"sft.ablation_merge": {"method": "ties", "density": 2.0}}, "sft.ablation_merge"),
         ({"nproc": 0}, "nproc"),
         (
             {"base.pretrain": {"config": "demo_sft", "families": ["arith_ar"], "bogus": 1}},
@@ -342,6 +344,18 @@ def test_null_sections_are_empty(tmp_path):
     names = [s.name for s in pl.build_stages(spec)]
     assert names[-2:] == ["sft_merge_perf", "eval_sft_merge_perf"]
     assert not any(n.startswith(("dpo", "online")) for n in names)
+
+
+def test_ablation_merge_stage_merges_the_experts_by_its_method():
+    """pipeline_demo's sft.ablation_merge: a TIES merge of the SFT experts (base = the model they
+    were trained from), evaluated beside the linear merge, never used downstream."""
+    st = {s.name: s for s in pl.build_stages(pl.load_pipeline("pipeline_demo"))}
+    alt = st["sft_merge_alt"]
+    assert alt.kind == "merge" and alt.spec["method"] == "ties"
+    assert alt.spec["models"] == st["sft_merge"].spec["models"] == ["sft_math", "sft_skills"]
+    assert alt.spec["base"] == "pretrain" and alt.spec["params"] == {"density": 0.5}
+    assert "eval_sft_merge_alt" in st
+    assert not any("sft_merge_alt" in s.deps for n, s in st.items() if n != "eval_sft_merge_alt")
 
 
 def test_builtin_pipelines_compile():
