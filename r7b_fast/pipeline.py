@@ -326,21 +326,33 @@ def write_pipeline_report(ctx: Context, stages: list[Stage]) -> dict:
 
 
 def ablation_markdown(ctx: Context, merges: dict) -> str:
-    """Equal-weight vs performance-weighted SFT merge, side by side (empty if not run)."""
-    if "sft_merge_perf" not in merges or "sft_merge" not in merges:
+    """The SFT merges side by side: equal weights, performance-weighted (sft.ablation) and the
+    other method (sft.ablation_merge), whichever ran (empty if only the main merge ran)."""
+    names = [n for n in ("sft_merge", "sft_merge_perf", "sft_merge_alt") if n in merges]
+    if "sft_merge" not in names or len(names) < 2:
         return ""
     rows = []
-    for name in ("sft_merge", "sft_merge_perf"):
+    for name in names:
         m = read_json(ctx.work / f"eval_{name}" / "eval.json") or {}
-        w = ", ".join(f"{x:.3f}" for x in merges[name]["weights"])
+        w = merges[name].get("weights")
+        w = "equal" if w is None else ", ".join(f"{x:.3f}" for x in w)
+        method = merges[name].get("method", "linear")
         accs = {k[4:]: v for k, v in m.items() if k.startswith("acc/") and k != "acc/mean"}
         fam = ", ".join(f"{k} {v:.3f}" for k, v in sorted(accs.items()))
-        rows.append(f"| {name} | {w} | {m.get('acc/mean', float('nan')):.3f} | "
+        rows.append(f"| {name} | {method} | {w} | {m.get('acc/mean', float('nan')):.3f} | "
                     f"{m.get('loss', float('nan')):.3f} | {fam} |")  # fmt: skip
-    metric = merges["sft_merge_perf"].get("metric", "acc/mean")
-    return ("## Merge ablation: equal vs performance-weighted (weights from experts' "
-            f"`{metric}`)\n\n| merge | weights | acc/mean | heldout loss | per family |\n"
-            "| --- | --- | --- | --- | --- |\n" + "\n".join(rows))  # fmt: skip
+    how = []
+    if "sft_merge_perf" in merges:
+        how.append(
+            f"performance-weighted (weights from experts' `{merges['sft_merge_perf'].get('metric', 'acc/mean')}`)"
+        )
+    if "sft_merge_alt" in merges:
+        how.append(
+            f"{merges['sft_merge_alt'].get('method')} {merges['sft_merge_alt'].get('params', {})}"
+        )
+    return ("## Merge ablation: equal-weight linear vs " + " vs ".join(how) + "\n\n"
+            "| merge | method | weights | acc/mean | heldout loss | per family |\n"
+            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,7 +164,7 @@ def test_merge_weights_equal_by_default_configurable_and_ablation(micro):
     assert perf["weights"] == pytest.approx(want, rel=1e-12)
     check("sft_merge_perf", [math_, skills], want)
     assert "| sft_merge_perf |" in out["ablation"]
-    assert "| sft_merge | 0.500, 0.500 |" in out["ablation"]
+    assert "| sft_merge | linear | 0.500, 0.500 |" in out["ablation"]
 
 
 @pytest.mark.slow
@@ -356,6 +356,27 @@ def test_ablation_merge_stage_merges_the_experts_by_its_method():
     assert alt.spec["base"] == "pretrain" and alt.spec["params"] == {"density": 0.5}
     assert "eval_sft_merge_alt" in st
     assert not any("sft_merge_alt" in s.deps for n, s in st.items() if n != "eval_sft_merge_alt")
+
+
+def test_ablation_markdown_lists_every_sft_merge_that_ran(tmp_path):
+    """The report's ablation table: one row per SFT merge that ran, its method and weights, and
+    its eval numbers read back from eval_<merge>/eval.json; nothing without an ablation."""
+    import json
+    from types import SimpleNamespace
+
+    for name, acc in (("sft_merge", 0.62), ("sft_merge_alt", 0.597)):
+        (tmp_path / f"eval_{name}").mkdir()
+        (tmp_path / f"eval_{name}" / "eval.json").write_text(
+            json.dumps({"acc/mean": acc, "acc/arith_ar": 0.3, "loss": 0.4})
+        )
+    ctx = SimpleNamespace(work=tmp_path)
+    main = {"weights": [0.5, 0.5]}
+    alt = {"weights": [0.5, 0.5], "method": "ties", "params": {"density": 0.5}}
+    assert pl.ablation_markdown(ctx, {"sft_merge": main}) == ""
+    md = pl.ablation_markdown(ctx, {"sft_merge": main, "sft_merge_alt": alt})
+    assert "| sft_merge | linear | 0.500, 0.500 | 0.620 | 0.400 | arith_ar 0.300 |" in md
+    assert "| sft_merge_alt | ties | 0.500, 0.500 | 0.597 |" in md
+    assert "ties {'density': 0.5}" in md.splitlines()[0]
 
 
 def test_builtin_pipelines_compile():
