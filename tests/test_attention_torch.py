@@ -38,6 +38,20 @@ def run(fn, q, k, v, do, cu, max_len, **kw):
     return (out, *torch.autograd.grad(out, leaves, do.to(out.dtype)))
 
 
+def assert_close_to_truth(got, ref, truth, dtype):
+    """(out, dq, dk, dv) of a path vs the reference in the same dtype and the float64 truth.
+
+    Bound: the reference's own error in this dtype (same input roundings; it rounds the
+    products, the fast paths' SDPA accumulates in fp32) x2 for another summation order, plus two
+    roundings of the largest entry, plus 1e-5 for fp32 sums of O(1) terms where the truth is
+    exactly 0 (window 1: dS = P * (dP - Delta) = 0 up to rounding)."""
+    for name, a, b, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
+        assert a.dtype == dtype and a.shape == t.shape, name
+        err, err_ref = ((x.double() - t).abs().max().item() for x in (a, b))
+        bound = 2 * err_ref + 2 * EPS[dtype] * t.abs().max().item() + 1e-5
+        assert err <= bound, f"{name}: err {err:.3g} > {bound:.3g}"
+
+
 CASES = [
     # lens, Hq, Hk, D, dtype, causal, window
     ([0, 1, 33, 100, 0, 31], 4, 4, 16, torch.float32, True, None),  # GQA 1, zero-length seqs
@@ -57,16 +71,7 @@ def test_fast_path_matches_float64_as_well_as_the_reference(lens, hq, hk, d, dty
     ref = run(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
     truth = run(varlen_attention_reference, q.double(), k.double(), v.double(), do, cu, max(lens),
                 **kw)  # fmt: skip
-    for name, a, b, t in zip(("out", "dq", "dk", "dv"), fast, ref, truth):
-        assert a.dtype == dtype and a.shape == t.shape
-        err_fast = (a.double() - t).abs().max().item()
-        err_ref = (b.double() - t).abs().max().item()
-        # Bound: the reference's own error in this dtype (same input roundings; it rounds the
-        # products, the fast path's SDPA accumulates in fp32) x2 for another summation order,
-        # plus two roundings of the largest entry, plus 1e-5 for fp32 sums of O(1) terms where
-        # the truth is exactly 0 (window 1: dS = P * (dP - Delta) = 0 up to rounding).
-        bound = 2 * err_ref + 2 * EPS[dtype] * t.abs().max().item() + 1e-5
-        assert err_fast <= bound, f"{name}: fast err {err_fast:.3g} > {bound:.3g}"
+    assert_close_to_truth(fast, ref, truth, dtype)
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 2), (True, 33), (False, None)])

@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from test_attention_torch import CASES, EPS, make, run
+from test_attention_torch import CASES, assert_close_to_truth, make, run
 
 import r7b_fast.kernels._backend as backend_mod
 import r7b_fast.kernels.attention as attn
@@ -30,16 +30,6 @@ def banded(q, k, v, cu, max_seqlen, *, causal=True, window=None):
     """The banded path in eager (on CPU tensors varlen_attention runs the planner instead)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     return attn._banded(q, k, v, cu, max_seqlen, causal, window, scale)
-
-
-def _assert_close_to_truth(got, ref, truth, dtype):
-    """The bound of test_attention_torch: twice the reference's own error in this dtype, plus
-    two roundings of the largest entry, plus 1e-5 for fp32 sums where the truth is 0."""
-    for name, a, b, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
-        assert a.dtype == dtype and a.shape == t.shape, name
-        err, err_ref = ((x.double() - t).abs().max().item() for x in (a, b))
-        bound = 2 * err_ref + 2 * EPS[dtype] * t.abs().max().item() + 1e-5
-        assert err <= bound, f"{name}: err {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None)])
@@ -55,7 +45,7 @@ def test_fullgraph_compile_matches_reference(causal, window):
     got = run(lambda q, k, v, cu, _m, **_: compiled(q, k, v, cu), q, k, v, do, cu, 0)
     ref = run(varlen_attention_reference, q, k, v, do, cu, max(LENS), **kw)
     truth = run(varlen_attention_reference, *(x.double() for x in (q, k, v)), do, cu, 33, **kw)
-    _assert_close_to_truth(got, ref, truth, torch.float32)
+    assert_close_to_truth(got, ref, truth, torch.float32)
 
 
 @pytest.mark.slow
@@ -69,7 +59,7 @@ def test_inductor_compile_matches_reference():
     got = run(lambda q, k, v, cu, _m: compiled(q, k, v, cu), q, k, v, do, cu, 0)
     ref = run(varlen_attention_reference, q, k, v, do, cu, 33, window=5)
     truth = run(varlen_attention_reference, *(x.double() for x in (q, k, v)), do, cu, 33, window=5)
-    _assert_close_to_truth(got, ref, truth, torch.float32)
+    assert_close_to_truth(got, ref, truth, torch.float32)
 
 
 @pytest.mark.parametrize("lens,hq,hk,d,dtype,causal,window", CASES)
@@ -80,7 +70,7 @@ def test_banded_eager_matches_float64(lens, hq, hk, d, dtype, causal, window):
     ref = run(varlen_attention_reference, q, k, v, do, cu, max(lens), **kw)
     truth = run(varlen_attention_reference, *(x.double() for x in (q, k, v)), do, cu, max(lens),
                 **kw)  # fmt: skip
-    _assert_close_to_truth(got, ref, truth, dtype)
+    assert_close_to_truth(got, ref, truth, dtype)
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 2), (True, 33), (False, None)])
