@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_merge_helpers import write_model, write_safetensors
+from test_merge_validation import _sparse_model  # the same sparse one-tensor model
 
 from r7b_fast.merge import MergeError, load_mergekit_yaml, merge_checkpoints
 
@@ -324,19 +325,8 @@ merge_checkpoints(sys.argv[2:4], sys.argv[4], base=sys.argv[1], method="ties", d
 """
 
 
-def _sparse(d: Path, numel: int) -> Path:
-    d.mkdir()
-    h = json.dumps(
-        {"a": {"dtype": "F32", "shape": [numel], "data_offsets": [0, 4 * numel]}}
-    ).encode()
-    with open(d / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + 4 * numel)
-    return d
-
-
 def test_sigkill_mid_ties_merge_leaves_nothing(tmp_path):
-    m = [_sparse(tmp_path / f"m{k}", 24 << 20) for k in range(3)]  # 96 MiB each, sparse
+    m = [_sparse_model(tmp_path / f"m{k}", 24 << 20) for k in range(3)]  # 96 MiB each, sparse
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", KILL_CHILD, *map(str, m), str(out)],
                        capture_output=True, text=True, timeout=170)  # fmt: skip
