@@ -336,10 +336,12 @@ def main(argv=None) -> int:
         return check()
     cols = ["workload", "impl", "mode", "ms", "tflops", "ours_speedup", "error"]
 
+    env = env_info()  # once: it runs git (and nvidia-smi on a GPU); flush runs after every pair
+
     def flush(rows: list[dict], final: bool = False) -> None:
         rows = [dict(r) for r in rows]
         add_ratios(rows)
-        payload = {"rows": rows, "summary": summary(rows), "complete": final}
+        payload = {"rows": rows, "summary": summary(rows), "complete": final, "env": env}
         payload["autotuned"] = autotuned()
         write_results("attention", payload, markdown_table(rows, cols))
         if final:
