@@ -205,8 +205,9 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
     dtype, mixed = compute_dtypes(cfg, dist.device)
     attn = "sdpa" if cfg.model.attention == "varlen" else cfg.model.attention
     sharded_load = dist.distributed and cfg.model.path != "tiny"
+    path = rundir.resolve_model_path(cfg.model.path)  # a no-op after run(); direct callers too
     model = load_model(
-        rundir.resolve_model_path(cfg.model.path),
+        path,
         dtype,
         tiny_overrides=cfg.model.tiny_overrides,
         seed=cfg.run.seed,
@@ -231,7 +232,6 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
         activation_checkpointing=cfg.model.activation_checkpointing,
     )
     if sharded_load:
-        path = rundir.resolve_model_path(cfg.model.path)
         weights = read_hf_weights(path, dtype) if dist.is_main else {}
         distributed.materialize(model, dist, weights, buffers)
     return model
