@@ -101,9 +101,6 @@ def checked_logps(model, batch) -> torch.Tensor:
     from r7b_fast.kernels import kernel_calls
 
     with kernel_calls() as calls:
-        # A key no outer block has: kernel_calls() leaves its block with list.remove (equality),
-        # which would drop an enclosing block's Counter of equal content instead of this one.
-        calls["_r7b_trl_forward"] += 1
         out = model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
