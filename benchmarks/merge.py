@@ -270,11 +270,16 @@ def main(argv=None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     cols = ["case", "in_GB", "ours_s", "ours_engine_s", "floor_s", "ours_over_floor", "mergekit_s",
             "mergekit_over_ours", "ours_rss_MiB", "floor_rss_MiB", "mergekit_rss_MiB"]  # fmt: skip
-    md = markdown_table(rows, cols)
     load = os.getloadavg()
     note = f"\nCPU cores: {os.cpu_count()}; load average at end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n"
+    _report("merge", rows, cols, note, args=vars(a), loadavg=load)
+
+
+def _report(name: str, rows: list, cols: list, note: str, **extra) -> None:
+    """Print the markdown table of `rows` + `note` and write it with `rows` and `extra`."""
+    md = markdown_table(rows, cols)
     print(md + note)
-    write_results("merge", {"rows": rows, "args": vars(a), "loadavg": load}, md + note)
+    write_results(name, {"rows": rows, **extra}, md + note)
 
 
 def cpu_model() -> str:
@@ -307,10 +312,7 @@ def main_methods(a) -> None:
     note = (f"\nMachine: {machine}; load average at end: {load[0]:.1f} {load[1]:.1f} "
             f"{load[2]:.1f}. Wall seconds of one run each (--reps {a.reps}), bf16 experts of "
             f"~{a.size_mb:g} MB; ours_s includes Python start-up and planning.\n")  # fmt: skip
-    md = markdown_table(rows, cols)
-    print(md + note)
-    write_results("merge_methods", {"rows": rows, "args": vars(a), "loadavg": load,
-                                    "machine": machine}, md + note)  # fmt: skip
+    _report("merge_methods", rows, cols, note, args=vars(a), loadavg=load, machine=machine)
 
 
 if __name__ == "__main__":
