@@ -159,9 +159,7 @@ def _check_merge(key: str, m, n_models: int, base_listed: bool) -> None:
         raise PipelineError(f"{key}: slerp merges the base with exactly one model, got {n - 1}")
     try:
         method_plan(method, n, None, n - 1, **params)
-    except MergeError as e:
-        raise PipelineError(f"{key}: {e}") from e
-    except TypeError as e:
+    except (MergeError, TypeError) as e:
         raise PipelineError(f"{key}: {e}") from e
 
 
