@@ -43,9 +43,6 @@ def dataset_files(cfg: Config, out: Path, dist: distributed.Dist) -> list[str]:
 def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger=None):
     """sft: a PackedDataset of SFT rows; dpo: a PackedDataset of preference rows; online_dpo:
     the list of prompt rows (dicts with `prompt` + task metadata)."""
-    from r7b_fast.data.chat import render_preference, render_sft
-    from r7b_fast.data.packing import pack_preference, pack_sft
-
     stage, max_tokens = cfg.run.stage, cfg.data.max_tokens
     files = dataset_files(cfg, out, dist)
     kw = {"tokenizer": tokenizer, "max_len": max_tokens} if stage != "online_dpo" else {}
@@ -56,15 +53,7 @@ def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger
         counts = {k: counts.get(k, 0) + v for k, v in c.items()}
     if stage == "online_dpo" and cfg.online.reward == "verifier":
         check_verifier_rows(cfg, rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if stage == "sft":
-        packed = pack_sft([render_sft(tokenizer, r["messages"]) for r in rows], max_tokens,
-                          pad_id=pad)  # fmt: skip
-    elif stage == "dpo":
-        packed = pack_preference([render_preference(tokenizer, r) for r in rows], max_tokens,
-                                 pad_id=pad)  # fmt: skip
-    else:
-        packed = None
+    packed = pack_rows(cfg, tokenizer, rows) if stage != "online_dpo" else None
     if logger is not None:
         logger.event("data", files=files, counts=counts,
                      packing=packed.stats() if packed is not None else None)  # fmt: skip
@@ -74,6 +63,20 @@ def build_rows(cfg: Config, tokenizer, out: Path, dist: distributed.Dist, logger
         raise ConfigError(f"data.train: {len(packed)} packed rows cannot feed {dist.world_size} "
                           "processes")  # fmt: skip
     return packed
+
+
+def pack_rows(cfg: Config, tokenizer, rows: list[dict]) -> PackedDataset:
+    """Validated rows of the stage's schema -> packed rows: SFT conversations for sft,
+    preference rows otherwise (data.max_tokens per packed row)."""
+    from r7b_fast.data.chat import render_preference, render_sft
+    from r7b_fast.data.packing import pack_preference, pack_sft
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.run.stage == "sft":
+        return pack_sft([render_sft(tokenizer, r["messages"]) for r in rows],
+                        cfg.data.max_tokens, pad_id=pad)  # fmt: skip
+    return pack_preference([render_preference(tokenizer, r) for r in rows], cfg.data.max_tokens,
+                           pad_id=pad)  # fmt: skip
 
 
 def file_labels(cfg: Config) -> list[str]:

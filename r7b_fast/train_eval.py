@@ -49,9 +49,7 @@ def eval_files(cfg: Config, out: Path, dist: distributed.Dist) -> list[str]:
 def prepare_eval(s, count_fn):
     """(packed eval rows (DPO: with reference log-probs), their global normaliser) for Session
     `s`, or (None, None) when eval.every_steps is 0. Call before the first training step."""
-    from r7b_fast.data.chat import render_preference, render_sft
-    from r7b_fast.data.packing import pack_preference, pack_sft
-    from r7b_fast.train_data import SOURCE_KIND, collate, load_checked, reference_rows
+    from r7b_fast.train_data import SOURCE_KIND, collate, load_checked, pack_rows, reference_rows
 
     cfg = s.cfg
     if not cfg.eval.every_steps:
@@ -60,14 +58,8 @@ def prepare_eval(s, count_fn):
     rows = []
     for i, path in enumerate(eval_files(cfg, s.out, s.dist)):
         rows += load_checked(cfg, f"data.eval[{i}]", path, SOURCE_KIND[cfg.run.stage], kw)[0]
-    tok = s.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if cfg.run.stage == "sft":
-        packed = pack_sft([render_sft(tok, r["messages"]) for r in rows], cfg.data.max_tokens,
-                          pad_id=pad)  # fmt: skip
-    else:
-        packed = pack_preference([render_preference(tok, r) for r in rows], cfg.data.max_tokens,
-                                 pad_id=pad)  # fmt: skip
+    packed = pack_rows(cfg, s.tokenizer, rows)
+    if cfg.run.stage != "sft":
         packed = reference_rows(s, packed, s.out / "reference" / "eval.pt")
     counts = [count_fn(collate([packed.row(i)], "cpu")) for i in range(len(packed))]
     denom = torch.stack(counts).sum(0).double().clamp(min=1).float().to(s.dist.device)
