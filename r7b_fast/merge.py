@@ -18,8 +18,9 @@ What happens, in order (DESIGN.md §7):
    ties / dare_linear / dare_ties / slerp (mergekit's semantics, written out in
    `r7b_fast.merge_plan.method_plan`) are planned by `method_plan` instead: the engine first
    makes a per-tensor pass where needed (TIES' magnitude threshold, DARE's L1 rescale, SLERP's
-   angle), holding at most one fp32 copy of a tensor per thread, then streams the
-   per-element work (sign election, masked sums, rescaling, interpolation) chunk by chunk.
+   angle), holding at most one fp32 copy of a tensor (TIES' trim, one at a time whatever the
+   threads: csrc/engine_methods.cpp), then streams the per-element work (sign election,
+   masked sums, rescaling, interpolation) chunk by chunk.
 4. Output shards are laid out HF-style (`model.safetensors`, or `model-0000i-of-0000N.safetensors`
    + `model.safetensors.index.json` with `metadata.total_size` when over `max_shard_size`),
    tensors sorted by name, headers padded to 8 bytes; `lm_head.weight` is dropped when the
