@@ -151,6 +151,12 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _empty_logps(hidden, weight, dtype) -> torch.Tensor:
+    """The [0] result for N = 0 tokens, connected to both inputs so backward still works."""
+    with _no_autocast(hidden.device):
+        return (hidden.to(dtype) @ weight[:1].to(dtype).T).squeeze(1)
+
+
 def _chunk_logps(h, w, t, scale: float, ignore_index: int):
     with _no_autocast(h.device):  # also on checkpoint's recompute, which restores autocast
         logits = (h.to(w.dtype) @ w.T) * scale  # (c, V) in fp32 (fp64 for fp64 inputs)
@@ -177,7 +183,10 @@ def linear_logprobs_torch(
     _check_inputs(hidden, weight, targets, ignore_index, (*_FLOAT_DTYPES, torch.float64))
     targets = targets.long()
     N, V = hidden.shape[0], weight.shape[0]
-    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if N == 0:
+        return _empty_logps(hidden, weight, dtype)
+    w = weight.to(dtype)
     chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     outs = []
@@ -186,9 +195,6 @@ def linear_logprobs_torch(
         outs.append(
             checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
         )
-    if not outs:  # N = 0: empty, but connected to both inputs so backward still works
-        with _no_autocast(hidden.device):
-            return (hidden.to(w.dtype) @ w[:1].T).squeeze(1)
     return torch.cat(outs)
 
 
@@ -227,9 +233,9 @@ def linear_logprobs(
             hidden, weight, targets, scale=scale, ignore_index=ignore_index
         )
     _check_inputs(hidden, weight, targets, ignore_index)
+    if hidden.shape[0] == 0:
+        return _empty_logps(hidden, weight, torch.float32)
     with _no_autocast(hidden.device):  # the kernels are fp32 inside; the small torch ops too
-        if hidden.shape[0] == 0:  # empty, but connected to both inputs so backward still works
-            return (hidden.float() @ weight[:1].float().T).squeeze(1)
         logp, _ = _llp_fwd_op(
             hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), float(scale),
             int(ignore_index),
