@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from r7b_fast import checkpoint, distributed, rundir
+from r7b_fast import checkpoint, distributed, rundir, train_eval
 from r7b_fast.config import (
     Config,
     ConfigError,
@@ -167,9 +167,7 @@ STAGE_LOSS["online_dpo"] = STAGE_LOSS["dpo"]
 def prepare_eval(s: Session):
     """Eval rows and their normaliser for eval.every_steps (before any step: DPO's eval
     reference is the model the stage starts from); (None, None) when off."""
-    from r7b_fast.train_eval import prepare_eval as prepare
-
-    return prepare(s, STAGE_LOSS[s.cfg.run.stage][0])
+    return train_eval.prepare_eval(s, STAGE_LOSS[s.cfg.run.stage][0])
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -293,9 +291,7 @@ def train_steps(
         if step % cfg.logging.every_steps == 0 or step == last:
             s.logger.log(step, metrics)
         if s.eval_rows is not None and (step % cfg.eval.every_steps == 0 or step == last):
-            from r7b_fast.train_eval import evaluate
-
-            evaluate(s, s.eval_rows, s.eval_denom, loss_fn, step)
+            train_eval.evaluate(s, s.eval_rows, s.eval_denom, loss_fn, step)
         s.logger.advance()
         every, stop = cfg.checkpoint.every_steps, cfg.debug.stop_after_step
         if (every and step % every == 0) or step == last or step == stop:
