@@ -6,13 +6,15 @@ own default NaN from Inf - Inf is 0xFFC00000, so a missing canonicalisation show
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from test_merge_helpers import reference_merge, write_model
+from test_merge_helpers import read_raw, reference_merge, write_model
 from test_merge_methods import out_bytes, ref_gta, ref_slerp
 
 from r7b_fast import _merge
-from r7b_fast.merge import merge_checkpoints, read_header
+from r7b_fast.merge import merge_checkpoints
 
 SIMD = _merge.available_simd()
 LANES = {"scalar": 1, "avx2": 8, "avx512": 16}
@@ -22,11 +24,7 @@ BITS = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16}
 
 
 def _data(out: str) -> bytes:
-    p = out + "/model.safetensors"
-    t = read_header(p)["a"]
-    with open(p, "rb") as f:
-        f.seek(t.offset)
-        return f.read(t.nbytes)
+    return read_raw(Path(out))["a"][2]
 
 
 def _run(tmp_path, xs, simd, how, monkeypatch, **kw) -> str:
