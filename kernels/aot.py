@@ -227,15 +227,19 @@ def compile_in_subprocess(
     jobs = max(1, min(len(specs), aot_jobs()))
     procs = []
     for j in range(jobs):  # spec i goes to worker i % jobs; each compiles its share in order
-        p = subprocess.Popen(
-            [sys.executable, "-m", "r7b_fast.kernels.aot", "--specs", "-"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env,
-        )  # fmt: skip
-        procs.append((p, json.dumps([asdict(s) for s in specs[j::jobs]])))
+        # stdin from a file, not a pipe fed by communicate(): each worker has its whole share
+        # at once, so all compile in parallel (a pipe would hold worker j until j's turn below)
+        with tempfile.TemporaryFile("w+") as payload:
+            json.dump([asdict(s) for s in specs[j::jobs]], payload)
+            payload.seek(0)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "r7b_fast.kernels.aot", "--specs", "-"],
+                stdin=payload, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=env,
+            ))  # fmt: skip
     parts = []
-    for p, payload in procs:  # communicate() one by one: the others keep compiling meanwhile
-        out, err = p.communicate(payload)
+    for p in procs:  # communicate() one by one: the others keep compiling meanwhile
+        out, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"AOT compile subprocess failed:\n{err[-4000:]}")
         parts.append(json.loads(out.strip().splitlines()[-1]) if specs else [])
