@@ -137,12 +137,13 @@ def prune(root: str | os.PathLike, keep: int) -> None:
     root = Path(root)
     if not root.is_dir():
         return
+    if keep == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        return
     for p in root.iterdir():
         if p.name.endswith(".tmp"):
             shutil.rmtree(p, ignore_errors=True)
     _prune(root, keep)
-    if keep == 0:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def load(
