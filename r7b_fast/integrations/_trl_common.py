@@ -84,9 +84,10 @@ def patch(model, backend: str):
                f"apply_kernels supports {sorted(SUPPORTED_MODEL_TYPES)}")  # fmt: skip
     state = getattr(base, "_r7b_kernels", None)
     if not (state and state["attention"] and state["loss"] and state["backend"] == backend):
-        # A model TRL built itself (from a path) carries TRL's chunked LM head as its instance
-        # forward; we never call it (our head replaces it), and apply_kernels only re-wraps
-        # accelerate's wrappers, so it goes.
+        # TRL's __init__ puts its chunked LM head (add_fused_lm_head) on every model as the
+        # instance forward. On a model patched before (passed in built) it wraps ours and passes
+        # through (fused_lm_head=False), so it stays; on one TRL built from a path it wraps the
+        # class forward, which apply_kernels cannot re-wrap (accelerate's wrappers only): it goes.
         code = getattr(getattr(base.__dict__.get("forward"), "__func__", None), "__code__", None)
         if code is not None and code.co_name == "_fused_forward" and "trl" in code.co_filename:
             del base.__dict__["forward"]  # (functools.wraps hides it from __qualname__)
