@@ -4,8 +4,8 @@ CONFIG is a YAML path or a built-in name from r7b_fast/configs/ (sft_tiny, dpo_t
 online_dpo_tiny, sft_r7b, dpo_r7b, online_dpo_r7b); `--help` lists every key.
 
 One loop for every stage (`train_steps`); a stage only decides its data (packed SFT rows, or
-packed preference rows carrying precomputed reference log-probs) and its loss (`sft_loss`,
-`dpo_loss`). `online_dpo` repeats rounds of: sample pairs from the current policy
+packed preference rows carrying precomputed reference log-probs) and its loss
+(r7b_fast.train_loss: `sft_loss`, `dpo_loss`). `online_dpo` repeats rounds of: sample pairs from the current policy
 (r7b_fast.online_dpo), reference log-probs, `train_steps`.
 
 Exact averaging: each optimizer step's loss is a sum over every micro-batch on every rank
@@ -55,6 +55,13 @@ from r7b_fast.config import (
 from r7b_fast.logging import MetricsLogger, flops_per_token, peak_flops, versions
 from r7b_fast.optim import build_optimizer
 from r7b_fast.train_data import autocast, build_rows, collate, make_iterator, reference_rows
+from r7b_fast.train_loss import (  # noqa: F401 (re-exported: r7b_fast.train.sft_loss...)
+    STAGE_LOSS,
+    dpo_count,
+    dpo_loss,
+    sft_count,
+    sft_loss,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -98,70 +105,6 @@ class Session:
     trained_steps: int | None = None
     """Optimizer steps that actually trained (online_dpo skips rounds without pairs); None =
     every step of the stage."""
-
-
-# ----------------------------------------------------------------------------- stage losses
-
-
-def sft_count(batch: dict) -> torch.Tensor:
-    """Normalizer units in a micro-batch for SFT: trained target tokens."""
-    return (batch["targets"] != -100).sum()
-
-
-def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
-    """-sum(log p(target)) / denom (denom = the step's global target-token count)."""
-    from r7b_fast import losses
-
-    token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-        cu_seqlens=batch["cu_seqlens"],
-    ).token_logps  # fmt: skip
-    return losses.sft_loss(token_logps, batch["targets"], denom), {}
-
-
-def dpo_count(batch: dict) -> torch.Tensor:
-    """Normalizer units in a micro-batch for DPO: [preference pairs, chosen target tokens] (the
-    DPO term is a mean over the step's pairs, the SFT term a mean over its chosen tokens)."""
-    pairs = batch["chosen_index"].numel()
-    chosen_tokens = batch["seq_target_tokens"][batch["chosen_index"]].sum()
-    return torch.stack([torch.as_tensor(pairs, device=chosen_tokens.device), chosen_tokens])
-
-
-def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
-    """losses.dpo_loss on this micro-batch's pairs weighted by pairs / denom[0] (the step's global
-    pair count), plus dpo.sft_weight x -sum(chosen log-probs) / denom[1] (the step's GLOBAL
-    chosen-token count, so the SFT term, like sft_loss, does not depend on how the step's pairs
-    are split over micro-batches and ranks); TRL metrics as sums over pairs."""
-    from r7b_fast import losses
-
-    token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-        cu_seqlens=batch["cu_seqlens"],
-    ).token_logps  # fmt: skip
-    seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
-    chosen, rejected = batch["chosen_index"], batch["rejected_index"]
-    ref = batch["ref_logps"]
-    lengths = batch["seq_target_tokens"]
-    loss, metrics = losses.dpo_loss(
-        seq_logps[chosen],
-        seq_logps[rejected],
-        ref[chosen],
-        ref[rejected],
-        beta=cfg.dpo.beta,
-        kind=cfg.dpo.loss_type,
-        label_smoothing=cfg.dpo.label_smoothing,
-        chosen_lengths=lengths[chosen],
-        rejected_lengths=lengths[rejected],
-    )
-    n = chosen.numel()
-    loss = loss * n / denom[0]
-    if cfg.dpo.sft_weight:
-        loss = loss - cfg.dpo.sft_weight * seq_logps[chosen].float().sum() / denom[1]
-    return loss, {k: v.detach().float() * n for k, v in metrics.items()}
-
-
-STAGE_LOSS = {"sft": (sft_count, sft_loss), "dpo": (dpo_count, dpo_loss)}
-STAGE_LOSS["online_dpo"] = STAGE_LOSS["dpo"]
 
 
 def prepare_eval(s: Session):

@@ -1,0 +1,74 @@
+"""Each stage's loss on one micro-batch, as r7b_fast.train's step loop calls it.
+
+A stage is `(count_fn, loss_fn)` (`STAGE_LOSS`): `count_fn(batch)` gives the micro-batch's
+normaliser units (summed over the step's micro-batches and ranks before the first forward),
+`loss_fn(model, batch, denom, cfg)` returns (this micro-batch's share of the step loss, TRL
+metrics as sums). See r7b_fast.train's docstring for the exact averaging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r7b_fast.config import Config
+
+
+def sft_count(batch: dict) -> torch.Tensor:
+    """Normalizer units in a micro-batch for SFT: trained target tokens."""
+    return (batch["targets"] != -100).sum()
+
+
+def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
+    """-sum(log p(target)) / denom (denom = the step's global target-token count)."""
+    from r7b_fast import losses
+
+    token_logps = model(
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+        cu_seqlens=batch["cu_seqlens"],
+    ).token_logps  # fmt: skip
+    return losses.sft_loss(token_logps, batch["targets"], denom), {}
+
+
+def dpo_count(batch: dict) -> torch.Tensor:
+    """Normalizer units in a micro-batch for DPO: [preference pairs, chosen target tokens] (the
+    DPO term is a mean over the step's pairs, the SFT term a mean over its chosen tokens)."""
+    pairs = batch["chosen_index"].numel()
+    chosen_tokens = batch["seq_target_tokens"][batch["chosen_index"]].sum()
+    return torch.stack([torch.as_tensor(pairs, device=chosen_tokens.device), chosen_tokens])
+
+
+def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
+    """losses.dpo_loss on this micro-batch's pairs weighted by pairs / denom[0] (the step's global
+    pair count), plus dpo.sft_weight x -sum(chosen log-probs) / denom[1] (the step's GLOBAL
+    chosen-token count, so the SFT term, like sft_loss, does not depend on how the step's pairs
+    are split over micro-batches and ranks); TRL metrics as sums over pairs."""
+    from r7b_fast import losses
+
+    token_logps = model(
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+        cu_seqlens=batch["cu_seqlens"],
+    ).token_logps  # fmt: skip
+    seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
+    chosen, rejected = batch["chosen_index"], batch["rejected_index"]
+    ref = batch["ref_logps"]
+    lengths = batch["seq_target_tokens"]
+    loss, metrics = losses.dpo_loss(
+        seq_logps[chosen],
+        seq_logps[rejected],
+        ref[chosen],
+        ref[rejected],
+        beta=cfg.dpo.beta,
+        kind=cfg.dpo.loss_type,
+        label_smoothing=cfg.dpo.label_smoothing,
+        chosen_lengths=lengths[chosen],
+        rejected_lengths=lengths[rejected],
+    )
+    n = chosen.numel()
+    loss = loss * n / denom[0]
+    if cfg.dpo.sft_weight:
+        loss = loss - cfg.dpo.sft_weight * seq_logps[chosen].float().sum() / denom[1]
+    return loss, {k: v.detach().float() * n for k, v in metrics.items()}
+
+
+STAGE_LOSS = {"sft": (sft_count, sft_loss), "dpo": (dpo_count, dpo_loss)}
+STAGE_LOSS["online_dpo"] = STAGE_LOSS["dpo"]
