@@ -47,8 +47,10 @@ def packed_kwargs(
     nothing is read from the device; else one host sync computes it.
     Returns {"cu_seq_lens_q", "cu_seq_lens_k": int32 [S+1], "max_length_q", "max_length_k": int}
     (the names transformers uses for flash-attention kwargs)."""
-    if cu_seqlens is not None and max_seqlen is not None:
+    if cu_seqlens is not None:  # position_ids unused (the docstring: "may then be None")
         _check_cu(cu_seqlens)
+        if max_seqlen is None:
+            max_seqlen = int(torch.diff(cu_seqlens).max().item()) if cu_seqlens.numel() > 1 else 0
         return _kwargs(cu_seqlens, int(max_seqlen))
     if position_ids is None:
         raise ValueError("packed_kwargs: give position_ids or cu_seqlens")
@@ -57,15 +59,11 @@ def packed_kwargs(
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids must be [B, T] or [T], got {tuple(position_ids.shape)}")
     B, T = position_ids.shape
-    if cu_seqlens is not None:
-        _check_cu(cu_seqlens)
-        cu = cu_seqlens
-    else:
-        starts = torch.ones_like(position_ids, dtype=torch.bool)
-        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
-        end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
-        cu = torch.cat([idx, end]).to(torch.int32)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    end = torch.tensor([B * T], device=idx.device, dtype=idx.dtype)
+    cu = torch.cat([idx, end]).to(torch.int32)
     if max_seqlen is None:
         max_seqlen = int(torch.diff(cu).max().item()) if cu.numel() > 1 else 0
     return _kwargs(cu, int(max_seqlen))

@@ -93,3 +93,16 @@ def test_cached_generation_falls_back_to_sdpa(models):
         assert torch.equal(ours.generate(prompt, **kw), eager.generate(prompt, **kw))
     # said once per model, not once per layer or step
     assert sum("KV cache" in str(w.message) for w in record) == 1
+
+
+def test_packed_kwargs_from_cu_seqlens_alone():
+    """cu_seqlens without position_ids or max_seqlen: the boundaries as given, the longest
+    sequence read from them (it raised 'give position_ids or cu_seqlens' though cu was given)."""
+    import torch
+
+    from r7b_fast.hf_attention import packed_kwargs
+
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    kw = packed_kwargs(None, cu)
+    assert kw["cu_seq_lens_q"] is cu and kw["max_length_q"] == kw["max_length_k"] == 7
+    assert packed_kwargs(None, cu, 9)["max_length_q"] == 9
