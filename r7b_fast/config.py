@@ -1,7 +1,7 @@
 """Training configuration: flat dataclasses, one per section, a docstring per field.
 
-A config is a YAML mapping of sections (`run`, `model`, `data`, `optim`, `dpo`, `online`,
-`checkpoint`, `logging`, `debug`) to `field: value` mappings, plus dotted `section.field=value`
+A config is a YAML mapping of sections (`run`, `model`, `data`, `optim`, `fsdp`, `dpo`,
+`online`, `checkpoint`, `logging`, `debug`) to `field: value` mappings, plus dotted `section.field=value`
 overrides from the command line (values parsed as YAML: `optim.lr=3e-4`,
 `data.synthetic_families=[arith_ar,count_ar]`, `model.tiny_overrides={hidden_size: 64}`).
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 STAGES = ("sft", "dpo", "online_dpo")
+OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 DPO_LOSS_KINDS = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
 
 
@@ -130,6 +131,27 @@ class OptimConfig:
     """Optimizer steps to run (per online round for online_dpo); 0 = `epochs` over the data."""
     epochs: float = 1.0
     """Passes over the data when max_steps is 0."""
+    implementation: str = "auto"
+    """AdamW implementation: `auto` (fused on CUDA, foreach elsewhere), `fused` (one kernel per
+    parameter group; CUDA and CPU), `foreach` (multi-tensor ops) or `for_loop` (one parameter at a
+    time: least temporary memory). All compute the same update (to fp32 rounding); under FSDP2
+    the parameters are sharded DTensors, so the Adam states are sharded the same way."""
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool | int | str = "auto"
+    """After a decoder layer's forward, free its gathered parameters? `auto`: every layer but the
+    last (its backward runs at once); `true`: every layer (least memory, one more all-gather);
+    `false`: none (no all-gather in backward; the whole gathered model is held); an int N (a
+    divisor of the world size, 1 < N < world): reshard to groups of N ranks (e.g. the GPUs of a
+    node) so backward's all-gather stays within the group. Multi-process runs only."""
+    grad_accumulation: str = "reduce_scatter"
+    """Gradient accumulation under FSDP2: `reduce_scatter` (reduce-scatter after every
+    micro-batch and add into the sharded fp32 gradients: only shards are ever held) or
+    `unsharded` (skip the reduce-scatter until the last micro-batch: one reduce-scatter per
+    step, but every rank holds an unsharded gradient of the whole model, fp32 under bf16 mixed
+    precision: 4 bytes/param, ~32 GB for Command R7B). Same update to fp32 rounding."""
 
 
 @dataclass
@@ -158,6 +180,21 @@ class OnlineConfig:
     """Sampling temperature."""
     reward: str = "verifier"
     """`verifier` (the synthetic task verifier), an HF reward-model dir, or `module:function`."""
+    backend: str = "hf"
+    """What samples (docs/sampling.md): `hf` (r7b_fast.generate on the training model), `vllm`
+    (a colocated vLLM engine fed the current weights each round; needs `pip install vllm`), or
+    `module:function` (a factory `function(model, tokenizer, **kwargs)` returning an object with
+    `sample(prompt_ids, k, max_new_tokens, temperature, top_p, seed, stop_ids, prompt_keys)`)."""
+    gather_for_sampling: bool = True
+    """Under FSDP (2+ ranks): all-gather the parameters once per sampling phase and keep them
+    (r7b_fast.sampling.gathered) instead of once per decoded token. Costs the whole model
+    unsharded on every rank while sampling (bf16 on GPU: 2 bytes x parameters, ~16 GB for
+    Command R7B); false when that does not fit. Same samples either way."""
+    cache: str = "static"
+    """`hf` backend KV cache: `static` (preallocated, reused across batches) or `dynamic`
+    (grown per token); same samples either way (benchmarks/results/cpu_sampling.md)."""
+    batch_size: int = 32
+    """`hf` backend: rows (prompt x sample) per generation forward, prompts sorted by length."""
 
 
 @dataclass
@@ -217,6 +254,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -240,8 +278,15 @@ def _coerce(key: str, value, annotation):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        annotation = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(annotation)
+        # `bool | int | str`: the first member that accepts the value (bool before int, so
+        # YAML `true` stays a bool and `4` an int).
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        names = " | ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -417,11 +462,23 @@ def validate(cfg: Config) -> None:
         "optim.max_steps",
         "online_dpo needs max_steps > 0 (optimizer steps per round)",
     )
+    _validate_fsdp(cfg)
     _check(p.beta > 0, "dpo.beta", "must be > 0")
     _check(p.loss_type in DPO_LOSS_KINDS, "dpo.loss_type", f"must be one of {DPO_LOSS_KINDS}")
     _check(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     _check(p.sft_weight >= 0, "dpo.sft_weight", "must be >= 0")
     _validate_rest(cfg)
+
+
+def _validate_fsdp(cfg: Config) -> None:
+    o, f = cfg.optim, cfg.fsdp
+    _check(o.implementation in OPTIM_IMPLEMENTATIONS, "optim.implementation",
+           f"must be one of {OPTIM_IMPLEMENTATIONS}, got {o.implementation!r}")  # fmt: skip
+    raf = f.reshard_after_forward
+    _check(isinstance(raf, bool) or (isinstance(raf, int) and raf > 1) or raf == "auto",
+           "fsdp.reshard_after_forward", f"must be auto, true, false or an int > 1, got {raf!r}")  # fmt: skip
+    _check(f.grad_accumulation in ("reduce_scatter", "unsharded"), "fsdp.grad_accumulation",
+           f"must be reduce_scatter or unsharded, got {f.grad_accumulation!r}")  # fmt: skip
 
 
 def _validate_rest(cfg: Config) -> None:
@@ -431,6 +488,8 @@ def _validate_rest(cfg: Config) -> None:
     _check(on.num_samples >= 2, "online.num_samples", "must be >= 2 (best vs worst)")
     _check(on.max_new_tokens >= 1, "online.max_new_tokens", "must be >= 1")
     _check(on.temperature > 0, "online.temperature", "must be > 0")
+    _check(on.cache in ("static", "dynamic"), "online.cache", "must be static or dynamic")
+    _check(on.batch_size >= 1, "online.batch_size", "must be >= 1")
     _check(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(c.keep_after_done >= 0, "checkpoint.keep_after_done", "must be >= 0")

@@ -124,11 +124,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
-def apply_fsdp(model: nn.Module, dist: Dist, *, mixed_precision: bool) -> None:
+def apply_fsdp(model: nn.Module, dist: Dist, *, mixed_precision: bool, options=None) -> None:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, tied head).
 
     With `mixed_precision`, parameters are gathered in bf16 and gradients reduced in fp32; the
-    sharded master weights keep the dtype the model was built in.
+    sharded master weights keep the dtype the model was built in. `options`: an
+    `r7b_fast.config.FSDPConfig` (None = its defaults); its `reshard_after_forward` picks what
+    each decoder layer keeps gathered after forward (`layer_reshard` documents the values), and
+    its `grad_accumulation` is applied per micro-batch by r7b_fast.train.accumulate_gradients.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -136,20 +139,48 @@ def apply_fsdp(model: nn.Module, dist: Dist, *, mixed_precision: bool) -> None:
     if mixed_precision:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layers = decoder_layers(model)
+    raf = "auto" if options is None else options.reshard_after_forward
     for i, layer in enumerate(layers):
-        # The last layer's params are needed again at once in backward: keep them gathered.
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(
+            layer, mp_policy=mp, reshard_after_forward=layer_reshard(raf, i, len(layers), dist)
+        )
+    fully_shard(model, mp_policy=mp)  # the root stays gathered after forward (FSDP's default)
+
+
+def layer_reshard(choice, index: int, n_layers: int, dist: Dist) -> bool | int:
+    """`fully_shard`'s reshard_after_forward for decoder layer `index` of `n_layers` under
+    `fsdp.reshard_after_forward` = `choice`: `auto` -> every layer but the last (its parameters
+    are needed again at once in backward); a bool -> that, for every layer; an int N -> N for
+    every layer (reshard to groups of N ranks; N must divide the world size, 1 < N < world:
+    ConfigError otherwise, since torch refuses other values with a less clear message)."""
+    if choice == "auto":
+        return index < n_layers - 1
+    if isinstance(choice, bool):
+        return choice
+    if not (1 < choice < dist.world_size and dist.world_size % choice == 0):
+        from r7b_fast.config import ConfigError
+
+        raise ConfigError(
+            f"fsdp.reshard_after_forward: {choice} must divide the world size {dist.world_size} "
+            "and lie strictly between 1 and it"
+        )
+    return choice
 
 
 def parallelize(
-    model: nn.Module, dist: Dist, *, activation_checkpointing: bool, mixed_precision: bool
+    model: nn.Module,
+    dist: Dist,
+    *,
+    activation_checkpointing: bool,
+    mixed_precision: bool,
+    fsdp=None,
 ) -> nn.Module:
-    """Apply the transforms in the documented order (see the module docstring); returns `model`."""
+    """Apply the transforms in the documented order (see the module docstring); returns `model`.
+    `fsdp`: the `fsdp` config section (apply_fsdp's options; None = defaults)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if dist.distributed:
-        apply_fsdp(model, dist, mixed_precision=mixed_precision)
+        apply_fsdp(model, dist, mixed_precision=mixed_precision, options=fsdp)
     return model
 
 

@@ -4,7 +4,8 @@ anything in it changes.
 Fingerprint (`fingerprint`, stored in `out/run.json`): a flat mapping of dotted keys to the
 values that determine the trained result: every config key except the result-neutral ones
 (`NEUTRAL`: output dir, threads, device, kernel/attention implementation, checkpointing,
-logging and held-out eval cadence, debug aids, this module's own switches), with `model.path` resolved to an
+FSDP resharding and gradient accumulation scheme, the AdamW implementation, logging and
+held-out eval cadence, debug aids, this module's own switches), with `model.path` resolved to an
 absolute directory, plus identities of the inputs: `model.path:weights` (config.json and the
 weight files' names, sizes and mtimes), `data.train:content` (each file's sha256 if small,
 else size + mtime), `data.synthetic:version` (the generator's cache key) and
@@ -53,6 +54,9 @@ NEUTRAL = (
     "run.output_dir", "run.cpu_threads", "run.device", "run.allow_changes", "run.overwrite",
     "model.kernel_backend", "model.attention", "model.activation_checkpointing",
     "checkpoint.", "logging.", "debug.", "eval.", "data.eval",  # held-out measurement only
+    # Same update to fp32 rounding (reduce-scatter per micro-batch or once, resharding, the
+    # AdamW kernel): a memory/speed choice, free to change on resume.
+    "fsdp.", "optim.implementation",
 )  # fmt: skip
 # What a fresh start (run.overwrite, or a run that never checkpointed) removes: the run's own
 # files only, never anything else a user keeps in the directory.

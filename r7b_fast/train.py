@@ -171,6 +171,7 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
         dist,
         mixed_precision=mixed,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        fsdp=cfg.fsdp,
     )
     if sharded_load:
         weights = read_hf_weights(path, dtype) if dist.is_main else {}
@@ -245,12 +246,18 @@ def train_steps(
 
 
 def accumulate_gradients(s: Session, micro: list[dict], denom, loss_fn, step: int):
-    """Forward/backward every micro-batch; returns (this rank's loss sum, metric sums)."""
+    """Forward/backward every micro-batch; returns (this rank's loss sum, metric sums).
+
+    Under FSDP2, `fsdp.grad_accumulation` decides when gradients are reduce-scattered:
+    `reduce_scatter` after every micro-batch (FSDP adds each into the sharded gradient, so only
+    shards are held), `unsharded` only after the last (FSDP keeps an unsharded gradient of every
+    parameter until then). Either way the step's gradient is the same sum (exact averaging)."""
     loss_sum = torch.zeros((), device=s.dist.device)
     metric_sums: dict[str, torch.Tensor] = {}
+    every = s.cfg.fsdp.grad_accumulation == "reduce_scatter"
     for i, batch in enumerate(micro):
-        if s.dist.distributed:  # reduce-scatter gradients only after the last micro-batch
-            s.model.set_requires_gradient_sync(i == len(micro) - 1)
+        if s.dist.distributed:
+            s.model.set_requires_gradient_sync(every or i == len(micro) - 1)
         with autocast(s):
             loss, metrics = loss_fn(s.model, batch, denom, s.cfg)
         if s.cfg.debug.nan_at_step == step:

@@ -41,10 +41,22 @@ def single(tmp_path_factory):
     return out
 
 
-def test_torchrun_two_ranks_matches_one_process(single, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # the defaults: reduce-scatter after each of the 2 micro-batches, foreach AdamW
+        [],
+        # one reduce-scatter of FSDP's unsharded accumulated gradients, fused (CPU) AdamW on
+        # DTensor shards, every layer resharded after forward
+        ["fsdp.grad_accumulation=unsharded", "optim.implementation=fused",
+         "fsdp.reshard_after_forward=true"],
+    ],
+    ids=["reduce_scatter", "unsharded"],
+)  # fmt: skip
+def test_torchrun_two_ranks_matches_one_process(single, tmp_path, extra):
     out = tmp_path / "two"
-    proc = subprocess.run(command(out, torchrun=True), env=ENV, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(command(out, *extra, torchrun=True), env=ENV, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(single), metrics(out)
     assert [r["step"] for r in two] == list(range(1, 7))
