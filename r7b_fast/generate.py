@@ -6,6 +6,12 @@ left-padded batches (attention mask + position ids that skip the padding), one p
 `max_new_tokens` is reached. The model is put in eval mode for the call and restored after; the
 cache is used even if `config.use_cache` is False (that flag is for training).
 
+KV cache (`cache=`): "static" (the default) preallocates transformers' `StaticCache` once per
+call and batch row count, sized longest prompt + max_new_tokens (sliding-window layers hold only
+their window), and resets it between batches: no per-step concatenation or reallocation.
+"dynamic" is HF's `DynamicCache` (grows by concatenation, a fresh one per batch). Both give the
+same tokens (tests/test_sampling.py; benchmarks/sampling.py measures the speed).
+
 Sampling noise is counter-based: the exponential variate for (seed, prompt index, sample index,
 step, token id) comes from an integer hash, so a completion does not depend on the batch size,
 on the order of the other prompts or on the device's RNG state; `temperature=0` is greedy (argmax,
@@ -164,16 +170,36 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+class _Caches:
+    """KV caches for one `generate` call: a fresh DynamicCache per batch, or one StaticCache per
+    batch row count (the full batches and a last, smaller one), sized `max_len` and reset before
+    each reuse (StaticCache fixes its batch size at its first update)."""
+
+    def __init__(self, model, kind: str, max_len: int):
+        self.config, self.kind, self.max_len = model.config, kind, max_len
+        self.static: dict[int, object] = {}
+
+    def get(self, rows: int):
+        from transformers import DynamicCache, StaticCache
+
+        if self.kind == "dynamic":
+            return DynamicCache(config=self.config)
+        cache = self.static.get(rows)
+        if cache is None:
+            cache = self.static[rows] = StaticCache(config=self.config, max_cache_len=self.max_len)
+        else:
+            cache.reset()
+        return cache
+
+
 def _generate_batch(model, prompts, row_keys, done, *, opts: dict) -> list[list[int]]:
     """Completions for one left-padded batch; rows with done[i] set from the start are dummies."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, opts["pad_id"], device)
     keys = torch.tensor(row_keys, dtype=torch.int64, device=device)
     stop = torch.tensor(opts["stop_ids"], dtype=torch.int64, device=device)
     done = torch.tensor(done, dtype=torch.bool, device=device)
-    cache, kw = DynamicCache(config=model.config), _cache_kwarg(model)
+    cache, kw = opts["caches"].get(len(prompts)), _cache_kwarg(model)
     logits = prefill(model, ids, mask, cache, kw)
     steps, out = opts["max_new_tokens"], []
     for step in range(steps):
@@ -188,6 +214,7 @@ def _generate_batch(model, prompts, row_keys, done, *, opts: dict) -> list[list[
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = decode_one_token(model, tok, mask, cache, kw)
+    _count(opts["stats"], ids.numel() - sum(map(len, prompts)), len(out), len(prompts))
     rows = torch.stack(out, dim=1).tolist()
     stop_set = set(opts["stop_ids"])
     result = []
@@ -195,6 +222,14 @@ def _generate_batch(model, prompts, row_keys, done, *, opts: dict) -> list[list[
         end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
         result.append(row[:end])
     return result
+
+
+def _count(stats: dict | None, padding: int, steps: int, rows: int) -> None:
+    """Adds one batch to the caller's stats dict (see `generate`)."""
+    if stats is not None:
+        for key, n in (("batches", 1), ("padding_tokens", padding), ("decode_steps", steps),
+                       ("row_steps", rows * steps)):  # fmt: skip
+            stats[key] = stats.get(key, 0) + n
 
 
 def _check_args(
@@ -235,6 +270,9 @@ def generate(
     stop_ids: list[int] | None = None,
     prompt_keys: list[int] | None = None,
     progress=None,
+    cache: str = "static",
+    sync: bool | None = None,
+    stats: dict | None = None,
 ) -> list[list[list[int]]]:
     """Samples `num_samples` completions for each prompt.
 
@@ -250,12 +288,24 @@ def generate(
     batch completed (for a progress bar). An empty prompt list returns [] (under torch.distributed it still joins the other ranks'
     forwards). Returns out[i][j] = the completion ids of sample j of prompt i, without the
     prompt, ending with the stop token that ended it (absent if max_new_tokens came first).
+    cache: "static" (preallocated StaticCache, reused across batches) or "dynamic" (DynamicCache);
+    same tokens either way (module docstring).
+    sync: keep the ranks in step (same number of forwards; an all-reduce per decode step). None
+    = under torch.distributed with several ranks. False is only safe when the forward does no
+    collective, e.g. inside `r7b_fast.sampling.gathered` (FSDP parameters already gathered).
+    stats: optional dict, incremented in place with this call's counts: prompt_tokens,
+    padding_tokens (left padding in the prefills), batches, decode_steps (sum over batches),
+    row_steps (rows x steps: token slots decoded, padding rows included), new_tokens (sum of the
+    completions' lengths). `padding_stats` turns them into fractions.
     """
     _check_args(
         prompt_ids, prompt_keys, max_new_tokens, num_samples, temperature, top_p, batch_size
     )
-    dist = torch.distributed
-    sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"generate: cache must be 'static' or 'dynamic', got {cache!r}")
+    if sync is None:
+        dist = torch.distributed
+        sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -267,6 +317,8 @@ def generate(
         pad_id=int(pad_id),
         stop_ids=list(stop_ids) if stop_ids else stop_token_ids(model, tokenizer),
         sync=sync,
+        stats=stats,
+        caches=_Caches(model, cache, max(map(len, prompt_ids), default=1) + max_new_tokens),
     )
     keys = list(range(len(prompt_ids))) if prompt_keys is None else list(prompt_keys)
     batches = _plan_batches(model, prompt_ids, num_samples, batch_size, sync)
@@ -274,7 +326,9 @@ def generate(
     with generation_mode(model):
         for batch in batches:
             if not batch:  # dummy batch: keeps this rank in step with the others
-                _generate_batch(model, [[opts["pad_id"]]], [0], [True], opts=opts)
+                _generate_batch(
+                    model, [[opts["pad_id"]]], [0], [True], opts={**opts, "stats": None}
+                )
                 continue
             prompts = [list(prompt_ids[i]) for i, _ in batch]
             row_keys = [keys[i] * num_samples + j for i, j in batch]
@@ -285,7 +339,24 @@ def generate(
                 out[i][j] = comp
             if progress is not None:
                 progress(len(batch))
+    if stats is not None:
+        stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + num_samples * sum(
+            map(len, prompt_ids)
+        )
+        stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(c) for per in out for c in per)
     return out
+
+
+def padding_stats(stats: dict) -> dict[str, float]:
+    """Fractions from `generate`'s stats counters: frac_prompt_padding (padding / prefill slots)
+    and frac_decode_idle (decoded row slots that added no completion token: rows that had
+    stopped, carried along until the rest of their batch stopped)."""
+    prefill = stats.get("prompt_tokens", 0) + stats.get("padding_tokens", 0)
+    slots = stats.get("row_steps", 0)
+    return {
+        "frac_prompt_padding": stats.get("padding_tokens", 0) / prefill if prefill else 0.0,
+        "frac_decode_idle": 1.0 - stats.get("new_tokens", 0) / slots if slots else 0.0,
+    }
 
 
 def _plan_batches(model, prompt_ids, num_samples: int, batch_size: int, sync: bool) -> list:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from r7b_fast.generate import decode_completion, generate, stop_token_ids
+from r7b_fast.generate import decode_completion, padding_stats, stop_token_ids
 from r7b_fast.rewards import get_reward, prompt_messages
 
 # Row fields that describe the conversation itself, not task metadata carried into the pair.
@@ -78,27 +78,20 @@ def _gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def _sample_and_score(model, tokenizer, rows, indices, reward_fn, opts) -> list[dict]:
+def _sample_and_score(backend, tokenizer, rows, indices, reward_fn, opts) -> list[dict]:
     """For each prompt: its global index, texts, raw rewards, completion lengths, truncation."""
     from r7b_fast.data.chat import render_prompt
 
     k = opts["k"]
     prompt_ids = [render_prompt(tokenizer, prompt_messages(r)) for r in rows]
     stop = set(opts["stop_ids"])
-    comps = generate(
-        model,
-        tokenizer,
-        prompt_ids,
-        max_new_tokens=opts["max_new_tokens"],
-        num_samples=k,
-        temperature=opts["temperature"],
-        top_p=opts["top_p"],
-        seed=opts["seed"],
-        batch_size=opts["batch_size"],
-        stop_ids=opts["stop_ids"],
-        prompt_keys=indices,
-        progress=opts["progress"],
-    )
+    comps = backend.sample(prompt_ids, k, opts["max_new_tokens"], opts["temperature"],
+                           opts["top_p"], opts["seed"], opts["stop_ids"], prompt_keys=indices)  # fmt: skip
+    if len(comps) != len(rows) or any(len(c) != k for c in comps):
+        raise ValueError(
+            f"build_pairs: the sampling backend returned {[len(c) for c in comps]} completions "
+            f"for {len(rows)} prompts x k={k}"
+        )
     texts = [[decode_completion(tokenizer, c) for c in per] for per in comps]
     flat_rows = [r for r in rows for _ in range(k)]
     flat = reward_fn(flat_rows, [t for per in texts for t in per]) if rows else []
@@ -152,6 +145,7 @@ def build_pairs(
     missing_eos_penalty: float | None = None,
     stop_ids: list[int] | None = None,
     progress=None,
+    backend=None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Samples k answers per prompt from `model` (the current policy), scores them with
     `reward_fn`, and returns (preference_rows, stats).
@@ -167,6 +161,9 @@ def build_pairs(
     stop_ids: the ids that end an answer (default `generate.stop_token_ids(model, tokenizer)`).
     progress: optional callable given the number of this rank's samples each generation batch
         finished (`generate`'s progress hook).
+    backend: what samples (r7b_fast.sampling: `sample(prompt_ids, k, ...)`); default an
+        `HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)` (then
+        batch_size and progress configure it; a given backend carries its own).
 
     preference_rows: in prompt order, one per non-tied prompt, TRL conversational schema as
         `chat.render_preference` accepts: `prompt` (messages), `chosen`/`rejected`
@@ -175,7 +172,9 @@ def build_pairs(
     stats (floats): reward_mean / reward_std over all samples, reward_best_mean (mean over
         prompts of the best sample), num_prompts, num_samples (prompts x k), num_pairs,
         num_tied, frac_tied, margin_mean (best - worst over the pairs), frac_truncated (samples
-        without a stop token), completion_len_mean (tokens, stop token included).
+        without a stop token), completion_len_mean (tokens, stop token included); with a
+        backend that counts (`hf`), frac_prompt_padding and frac_decode_idle summed over the
+        ranks (`generate.padding_stats`; these depend on the batching, so on the world size).
     """
     if not prompt_rows:
         raise ValueError("build_pairs: prompt_rows is empty")
@@ -189,11 +188,21 @@ def build_pairs(
     rank, world = _dist_world()
     indices = list(range(rank, len(prompt_rows), world))
     opts = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, batch_size=batch_size, progress=progress,
-                stop_ids=list(stop_ids or stop_token_ids(model, tokenizer)))  # fmt: skip
-    mine = _sample_and_score(model, tokenizer, [prompt_rows[i] for i in indices], indices,
+                seed=seed, stop_ids=list(stop_ids or stop_token_ids(model, tokenizer)))  # fmt: skip
+    if backend is None:
+        from r7b_fast.sampling import HFBackend
+
+        backend = HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)
+    counts = getattr(backend, "stats", None)
+    before = dict(counts) if counts is not None else None
+    mine = _sample_and_score(backend, tokenizer, [prompt_rows[i] for i in indices], indices,
                              reward_fn, opts)  # fmt: skip
     results = sorted(_gather(mine), key=lambda r: r["index"])
+    batching = None
+    if counts is not None:  # this call's counters, summed over the ranks
+        parts = _gather([{key: n - before.get(key, 0) for key, n in counts.items()}])
+        keys = {key for p in parts for key in p}  # a rank with no prompt counted nothing
+        batching = padding_stats({key: sum(p.get(key, 0) for p in parts) for key in keys})
     chosen_by = [
         [x - (missing_eos_penalty or 0.0) * t for x, t in zip(r["rewards"], r["truncated"])]
         for r in results
@@ -202,4 +211,4 @@ def build_pairs(
     pairs, tied = select_pairs(
         rows, [r["texts"] for r in results], chosen_by, min_margin=min_margin
     )
-    return [p for p in pairs if p is not None], _stats(results, pairs, tied)
+    return [p for p in pairs if p is not None], {**_stats(results, pairs, tied), **(batching or {})}

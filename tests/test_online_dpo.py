@@ -247,4 +247,10 @@ def test_two_fsdp_ranks_give_the_single_process_result(tmp_path, tok, reward_mod
     assert 0 < stats["frac_truncated"] < 1  # rows did stop at different steps
     for rank in (0, 1):
         got = json.loads((tmp_path / f"result.{rank}").read_text())
-        assert got["pairs"] == pairs and got["stats"] == pytest.approx(stats, abs=1e-12)
+        assert got["pairs"] == pairs
+        # the batching's padding fractions depend on how many prompts each rank batches
+        batching = ("frac_prompt_padding", "frac_decode_idle")
+        assert {k: v for k, v in got["stats"].items() if k not in batching} == pytest.approx(
+            {k: v for k, v in stats.items() if k not in batching}, abs=1e-12
+        )
+        assert all(0 <= got["stats"][k] < 1 for k in batching)
