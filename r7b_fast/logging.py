@@ -4,7 +4,11 @@
 first, then `{"step": s, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ..., "mfu":
 ..., ...}` per logged step (DPO stages add TRL's names: `rewards/chosen`, `rewards/rejected`,
 `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`), and other events
-(`{"event": "round", ...}`, `{"event": "error", ...}`). Only rank 0 writes. A resumed run
+(`{"event": "round", ...}`, `{"event": "error", ...}`). The trainer hands `log` python numbers
+read back from the device once per logging interval (r7b_fast.step_metrics): each record's
+loss, grad_norm, tokens and metrics are its own step's; `tokens_per_s`, `step_s` and `mfu` are
+averages over the interval the step closes (timing one step would need a sync per step). A
+tensor given to `log` is read with `.item()` (one sync each). Only rank 0 writes. A resumed run
 keeps each step once: `resumed_at(step)` drops the records of the steps after the resumed
 checkpoint (an interrupted attempt's) from metrics.jsonl and purges them from TensorBoard.
 """

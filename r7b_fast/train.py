@@ -54,6 +54,7 @@ from r7b_fast.config import (
 )
 from r7b_fast.logging import MetricsLogger, flops_per_token, peak_flops, versions
 from r7b_fast.optim import build_optimizer
+from r7b_fast.step_metrics import StepWindow, optimizer_step, reduce_step
 from r7b_fast.train_data import autocast, build_rows, collate, make_iterator, reference_rows
 from r7b_fast.train_loss import (  # noqa: F401 (re-exported: r7b_fast.train.sft_loss...)
     STAGE_LOSS,
@@ -192,16 +193,24 @@ def train_steps(
     extra_state: dict | None = None,
 ) -> dict:
     """Optimizer steps `first..last` (global, 1-based, inclusive) over `rows` (this stage's packed
-    rows, identical on every rank); checkpoints as configured; returns the last step's metrics."""
+    rows, identical on every rank); checkpoints as configured; returns the last step's metrics.
+
+    No host sync inside a step: the step's values stay on the device until a read-back point
+    (logging.every_steps, a checkpoint, eval or debug.stop_after_step step, the last step),
+    which reads every step since the previous one BEFORE its optimizer step; a NaN/Inf loss or
+    gradient norm raises NonFiniteError there (`check_finite`), before any checkpoint, eval,
+    record or export. Between read-backs a non-finite step is skipped on the device by fused
+    AdamW and taken by the others (never saved): see r7b_fast.step_metrics for the trade-off.
+    logging.every_steps=1 reads back every step, so no non-finite step is ever taken."""
     cfg, dist, model = s.cfg, s.dist, s.model
     count_fn, loss_fn = STAGE_LOSS[cfg.run.stage]
     it = make_iterator(rows, cfg, dist)
     if data_state is not None:
         it.load_state_dict(data_state)
     metrics = {}
+    window = StepWindow(dist.world_size, s.flops_per_token, s.peak)
     model.train()
     for step in range(first, last + 1):
-        t0 = time.perf_counter()
         micro = [collate([next(it) for _ in range(cfg.optim.micro_batch)], dist.device)
                  for _ in range(s.accum)]  # fmt: skip
         # one all-reduce of the step's global normalizer(s), before the first forward
@@ -217,29 +226,33 @@ def train_steps(
             g = next(p for p in model.parameters() if p.grad is not None).grad
             (g.to_local() if hasattr(g, "to_local") else g).view(-1)[:1].fill_(math.inf)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
-        loss = distributed.all_reduce_sum(loss_sum, dist)
-        check_finite(s, step, loss, grad_norm)
+        tokens = torch.stack([(b["seq_ids"] >= 0).sum() for b in micro]).sum()
+        loss, tokens, step_values = reduce_step(loss_sum, tokens, metric_sums, denom, dist)
         lr = s.scheduler.get_last_lr()[0]
-        s.optimizer.step()
+        finite = window.add(step, lr, loss, grad_norm, tokens, step_values)
+        every, stop = cfg.checkpoint.every_steps, cfg.debug.stop_after_step
+        save = bool(every and step % every == 0) or step == last or step == stop
+        evaluate = s.eval_rows is not None and (step % cfg.eval.every_steps == 0 or step == last)
+        read = save or evaluate or step % cfg.logging.every_steps == 0
+        if read:
+            records, seconds = window.read_back()
+            check_finite(s, step, records)
+        optimizer_step(s.optimizer, None if read else finite)
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         if cfg.debug.step_sleep:
             time.sleep(cfg.debug.step_sleep)
-        tokens = distributed.all_reduce_sum(
-            torch.stack([(b["seq_ids"] >= 0).sum() for b in micro]).sum().double(), dist
-        ).item()
-        s.tokens += tokens
-        metrics = step_metrics(s, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
-        for k, v in metric_sums.items():
-            metrics[k] = (distributed.all_reduce_sum(v, dist) / denom.reshape(-1)[0]).item()
-        if step % cfg.logging.every_steps == 0 or step == last:
-            s.logger.log(step, metrics)
-        if s.eval_rows is not None and (step % cfg.eval.every_steps == 0 or step == last):
+        if not read:
+            s.logger.advance()
+            continue
+        metrics = step_metrics(s, window, records, seconds, last)
+        t = time.perf_counter()  # eval and checkpoint time is not training time (tokens/s)
+        if evaluate:
             train_eval.evaluate(s, s.eval_rows, s.eval_denom, loss_fn, step)
         s.logger.advance()
-        every, stop = cfg.checkpoint.every_steps, cfg.debug.stop_after_step
-        if (every and step % every == 0) or step == last or step == stop:
+        if save:
             save_checkpoint(s, step, it, {**(extra_state or {}), "metrics": metrics})
+        window.exclude(time.perf_counter() - t)
         if step == stop:
             raise DebugStop(f"debug.stop_after_step={stop}: stopped after its checkpoint")
     return metrics
@@ -270,15 +283,24 @@ def accumulate_gradients(s: Session, micro: list[dict], denom, loss_fn, step: in
     return loss_sum, metric_sums
 
 
-def check_finite(s: Session, step: int, loss, grad_norm) -> None:
-    """Raise NonFiniteError (before the optimizer step: weights and checkpoints stay good)."""
-    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+def check_finite(s: Session, step: int, records: list) -> None:
+    """Raise NonFiniteError if a step read back at step `step` (before its optimizer step) had a
+    NaN/Inf loss or gradient norm, naming the first such step; checkpoints stay good (see
+    train_steps for the live weights between read-backs)."""
+    bad = next((r for r in records if not r.finite), None)
+    if bad is None:
         return
     s.optimizer.zero_grad(set_to_none=True)
     last_good = checkpoint.latest(s.out / "checkpoints")
+    where = (
+        "stopped before the optimizer step"
+        if bad.step == step
+        else f"found at step {step}'s read-back (logging.every_steps={s.cfg.logging.every_steps}),"
+        " before its optimizer step; nothing was saved or logged after it"
+    )
     raise NonFiniteError(
-        f"step {step}: non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}); "
-        f"stopped before the optimizer step. Last good checkpoint: {last_good or 'none'} "
+        f"step {bad.step}: non-finite loss ({bad.values['loss']}) or gradient norm "
+        f"({bad.values['grad_norm']}); {where}. Last good checkpoint: {last_good or 'none'} "
         "(resume from it with a lower learning rate: optim.lr=<new> run.allow_changes=[optim.lr]; "
         "or check the data)."
     )
@@ -293,19 +315,14 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     return norm.detach().float()
 
 
-def step_metrics(s: Session, loss, grad_norm, lr, tokens, seconds) -> dict:
-    tokens_per_s = tokens / max(seconds, 1e-9)
-    out = {
-        "loss": loss.item(),
-        "lr": lr,
-        "grad_norm": grad_norm.item(),
-        "tokens": tokens,
-        "tokens_per_s": tokens_per_s,
-        "step_s": seconds,
-    }
-    if s.peak:
-        out["mfu"] = tokens_per_s * s.flops_per_token / (s.peak * s.dist.world_size)
-    return out
+def step_metrics(s: Session, window: StepWindow, records: list, seconds: float, last: int) -> dict:
+    """Log the read-back `records` that fall on the logging cadence (every logging.every_steps-th
+    step and the last); add their tokens to `s.tokens`; returns the newest step's metrics."""
+    for r in records:
+        s.tokens += r.values["tokens"]
+        if r.step % s.cfg.logging.every_steps == 0 or r.step == last:
+            s.logger.log(r.step, window.log_values(r, records, seconds))
+    return window.log_values(records[-1], records, seconds)
 
 
 def save_checkpoint(s: Session, step: int, it, extra_state: dict) -> None:

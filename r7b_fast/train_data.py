@@ -167,8 +167,12 @@ def flat_cu_seqlens(rows: list[dict]) -> torch.Tensor:
 
 def collate(rows: list[dict], device) -> dict:
     """Concatenate packed rows into one packed row [1, B*T] on `device` (sequence ids offset so
-    they stay unique). Preference rows also get `chosen_index`/`rejected_index` (the pair's
-    two sequences, in the same pair order), `seq_target_tokens` [S] and `ref_logps` [S]."""
+    they stay unique), with `max_seqlen` (python int: the longest segment of `cu_seqlens`,
+    padding included) computed from the host tensors, so the model reads nothing from the
+    device to size attention. Preference rows also get `chosen_index`/`rejected_index` (the
+    pair's two sequences, in the same pair order), `seq_target_tokens` [S] and `ref_logps` [S].
+    On CUDA the tensors are copied from pinned memory without blocking (a copy from pageable
+    memory would wait for it); elsewhere `.to(device)` as is."""
     cat = lambda key: torch.cat([r[key] for r in rows])
     offsets, seq_ids, total = [], [], 0
     for r in rows:
@@ -176,10 +180,12 @@ def collate(rows: list[dict], device) -> dict:
         seq_ids.append(torch.where(r["seq_ids"] >= 0, r["seq_ids"] + total, -1))
         offsets.append(total)
         total += n
+    cu = flat_cu_seqlens(rows)  # on the host: reading it costs no device sync
     batch = {
         "input_ids": cat("input_ids")[None],
         "position_ids": cat("position_ids")[None],
-        "cu_seqlens": flat_cu_seqlens(rows),
+        "cu_seqlens": cu,
+        "max_seqlen": int(torch.diff(cu).max()) if len(cu) > 1 else 0,
         "targets": cat("targets")[None],
         "seq_ids": torch.cat(seq_ids)[None],
         "num_seqs": total,
@@ -194,8 +200,9 @@ def collate(rows: list[dict], device) -> dict:
         batch["seq_target_tokens"] = torch.bincount(trained, minlength=total)
         if "ref_logps" in rows[0]:
             batch["ref_logps"] = cat("ref_logps")
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}  # fmt: skip
+    pinned = torch.device(device).type == "cuda"
+    move = lambda t: t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class WithReference:
@@ -247,6 +254,7 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
     """Sequence log-probs of every packed row under the current model (eval mode, no grad);
     rank r computes rows r, r+W, ... and all ranks receive all of them."""
     from r7b_fast import losses
+    from r7b_fast.train_loss import packed_forward
 
     dist, model = s.dist, s.model
     was_training = model.training
@@ -258,12 +266,15 @@ def compute_reference(s, packed: PackedDataset) -> list[torch.Tensor]:
         i = min(k * world + dist.rank, n - 1)
         batch = collate([packed.row(i)], dist.device)
         with autocast(s):
-            out = model(batch["input_ids"], position_ids=batch["position_ids"],
-                        targets=batch["targets"], cu_seqlens=batch["cu_seqlens"])  # fmt: skip
-        seq = losses.sequence_logps(out.token_logps[0].float(), batch["seq_ids"][0],
+            token_logps = packed_forward(model, batch)
+        seq = losses.sequence_logps(token_logps[0].float(), batch["seq_ids"][0],
                                     batch["num_seqs"])  # fmt: skip
-        mine[i] = seq.cpu()
+        mine[i] = seq  # kept on the device: one copy to the host after the last forward
         progress(min(world, n - k * world))  # rows done by all ranks at this forward
+    if mine:
+        keys = list(mine)
+        host = torch.cat([mine[i] for i in keys]).cpu().split([mine[i].numel() for i in keys])
+        mine = {i: t.clone() for i, t in zip(keys, host)}  # own storage each (save, pickle)
     progress.close()
     model.train(was_training)
     if not dist.distributed:

@@ -13,6 +13,16 @@ import torch
 from r7b_fast.config import Config
 
 
+def packed_forward(model, batch: dict) -> torch.Tensor:
+    """fp32 [1, T] log p(target) of a collated micro-batch: the packer's boundaries and longest
+    sequence (`max_seqlen`, a python int) go to the model, so nothing is read from the device to
+    size attention."""
+    return model(
+        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+        cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"],
+    ).token_logps  # fmt: skip
+
+
 def sft_count(batch: dict) -> torch.Tensor:
     """Normalizer units in a micro-batch for SFT: trained target tokens."""
     return (batch["targets"] != -100).sum()
@@ -20,13 +30,11 @@ def sft_count(batch: dict) -> torch.Tensor:
 
 def sft_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
     """-sum(log p(target)) / denom (denom = the step's global target-token count)."""
-    from r7b_fast import losses
-
-    token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-        cu_seqlens=batch["cu_seqlens"],
-    ).token_logps  # fmt: skip
-    return losses.sft_loss(token_logps, batch["targets"], denom), {}
+    token_logps = packed_forward(model, batch)
+    # not losses.sft_loss: it checks its count on the host (a device sync per micro-batch);
+    # the loop's denom is already clamped >= 1
+    mask = batch["targets"] != -100
+    return -(token_logps * mask).sum() / denom, {}
 
 
 def dpo_count(batch: dict) -> torch.Tensor:
@@ -44,10 +52,7 @@ def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
     are split over micro-batches and ranks); TRL metrics as sums over pairs."""
     from r7b_fast import losses
 
-    token_logps = model(
-        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-        cu_seqlens=batch["cu_seqlens"],
-    ).token_logps  # fmt: skip
+    token_logps = packed_forward(model, batch)
     seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
     chosen, rejected = batch["chosen_index"], batch["rejected_index"]
     ref = batch["ref_logps"]
