@@ -337,8 +337,11 @@ def online_round_rows(s, prompts: list[dict], r: int):
     First attempt: sample from the current policy (r7b_fast.online_dpo.build_pairs), pack the
     pairs, compute their reference log-probs under the same policy, store everything in
     out/online/round_NNN.pt. A resumed run loads that file instead, so it trains on the same
-    pairs and reference the interrupted run had."""
+    pairs and reference the interrupted run had. Sampling runs on `online.backend`, inside
+    `r7b_fast.sampling.gathered` (FSDP parameters all-gathered once for the phase) when
+    `online.gather_for_sampling`; the round's stats include the batching's padding fractions."""
     from r7b_fast.online_dpo import build_pairs
+    from r7b_fast.sampling import gathered, get_backend
 
     cfg, path = s.cfg, s.out / "online" / f"round_{r:03d}.pt"
     if path.is_file():
@@ -350,11 +353,14 @@ def online_round_rows(s, prompts: list[dict], r: int):
     s.model.eval()
     mine = len(range(s.dist.rank, o.prompts_per_round, s.dist.world_size)) * o.num_samples
     progress = Progress(s, mine, f"online round {r}: sampling", "samples")
-    with autocast(s):
+    with autocast(s), gathered(s.model, o.gather_for_sampling) as resident:
+        # resident: no collective in any forward, so ranks decode without staying in step
+        backend = get_backend(o.backend, s.model, s.tokenizer, batch_size=o.batch_size,
+                              cache=o.cache, progress=progress, sync=False if resident else None)  # fmt: skip
         pairs, stats = build_pairs(s.model, s.tokenizer, round_prompts(cfg, prompts, r),
                                    o.reward, k=o.num_samples, max_new_tokens=o.max_new_tokens,
                                    temperature=o.temperature, seed=cfg.run.seed * 1000 + r,
-                                   progress=progress)  # fmt: skip
+                                   backend=backend)  # fmt: skip
     progress.close()
     s.model.train(was_training)
     packed = pack_pairs(cfg, s.tokenizer, pairs) if pairs else None
