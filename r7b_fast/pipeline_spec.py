@@ -22,11 +22,12 @@ import yaml
 
 from r7b_fast.data import tokenizer
 from r7b_fast.data.synthetic import FAMILIES
+from r7b_fast.pipeline_gate import GATE_KEYS, check_gate, gate_inputs, gate_stage, join_gate
 
 EXPERT_KEYS = {"name", "families", "files", "overrides"}
 PRETRAIN_KEYS = {"config", "families", "files", "overrides", "data_seed"}
 TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
-            "online_dpo", "eval"}  # fmt: skip
+            "online_dpo", "eval", "gate"}  # fmt: skip
 SECTION_KEYS = {
     "base": {"path", "tiny_overrides", "pretrain"},
     "data": {"n_train", "n_eval", "difficulty", "system"},
@@ -42,6 +43,7 @@ SECTION_KEYS = {
     "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge"},
     "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"},
     "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
+    "gate": GATE_KEYS,  # the dataset quality gate (r7b_fast.pipeline_gate)
 }
 
 
@@ -111,6 +113,7 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     for sec in ("dpo", "online_dpo", "eval"):
         _check_families(f"{sec}.families", spec[sec].get("families"))
     _check_data(spec["data"])
+    check_gate(spec)  # the `gate:` section (r7b_fast.pipeline_gate)
     _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     _check_merge("sft.merge", spec["sft"].get("merge"), len(experts), base_listed=False)
@@ -266,6 +269,7 @@ def build_stages(spec: dict) -> list[Stage]:
     data, eval_spec = _data_stage(spec, seed)
     g = _StageList(spec, seed, eval_spec, [data])
     model = _base_stages(g, spec["base"])
+    _gate_stages(g)
     model = _sft_stages(g, spec["sft"], model)
     if spec["dpo"]:
         model = _dpo_stages(g, spec["dpo"], model)
@@ -329,6 +333,15 @@ def _base_stages(g: _StageList, base: dict) -> str:
     return model
 
 
+def _gate_stages(g: _StageList) -> None:
+    """The dataset quality gate (`gate:`; r7b_fast.pipeline_gate) after the base stages, before
+    the SFT experts; its proxy base and arbitrage teachers may be earlier model stages."""
+    models = [s.name for s in g.stages if s.kind in ("init", "external", "train", "merge")]
+    st = gate_stage(g.spec, g.seed, g.stages[0].spec["families"], models)
+    if st is not None:
+        g.stages.append(st)
+
+
 def _sft_stages(g: _StageList, sft: dict, model: str) -> str:
     """One SFT expert per `sft.experts` entry from `model`, their merge (and the performance-
     weighted ablation merge); returns "sft_merge"."""
@@ -339,6 +352,7 @@ def _sft_stages(g: _StageList, sft: dict, model: str) -> str:
         g.add_train(
             name, sft["config"], model, files, e.get("overrides"), f"SFT expert {e['name']}"
         )
+        join_gate(g.stages, name, e["name"], g.spec["work_dir"])  # + the gate's kept rows
         experts.append(name)
     spec = _merge_spec(experts, sft.get("merge_weights"), sft.get("merge"), model)
     deps = experts + ([model] if "base" in spec else [])
@@ -420,6 +434,7 @@ def input_identity(stage: Stage) -> dict[str, str]:
     for name, kind in stage.spec.get("data", []) if stage.kind == "train" else []:
         if kind == "file":
             out[name] = data_identity([name])[0] if Path(name).exists() else "missing"
+    out.update(gate_inputs(stage))  # the gate's user files and teachers; a joined expert's rows
     return out
 
 
@@ -458,6 +473,8 @@ def output_complete(stage: Stage, d: Path) -> bool:
         )
     if stage.kind == "eval":
         return (d / "eval.json").is_file()
+    if stage.kind == "gate":
+        return (d / "gate.json").is_file()
     if stage.kind == "train" and not (d / "done.json").is_file():
         return False
     return (d / "hf" / "config.json").is_file()
