@@ -185,7 +185,7 @@ class VLLMBackend:
         runner = llm.llm_engine.model_executor.driver_worker.model_runner
         for name, param in self.model.named_parameters():
             full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            runner.model.load_weights([(name, full.detach())])
+            runner.model.load_weights([(hf_name(name), full.detach())])
         llm.reset_prefix_cache()
 
     def sample(self, prompt_ids, k, max_new_tokens, temperature, top_p, seed, stop_ids,
@@ -210,6 +210,14 @@ class VLLMBackend:
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [[_ends_with_stop(list(c.token_ids), c, stop_ids) for c in o.outputs] for o in outs]
+
+
+def hf_name(name: str) -> str:
+    """A parameter name as the HF checkpoint spells it: the wrappers the trainer may add
+    (activation checkpointing, torch.compile) dropped from the path."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _ends_with_stop(ids: list[int], completion, stop_ids) -> list[int]:

@@ -207,6 +207,15 @@ def test_vllm_backend_hands_over_the_weights_and_maps_outputs(model, monkeypatch
     backend2 = get_backend("vllm", model, None)
     backend2.sample([[5]], 2, 4, 1.0, 1.0, 0, [4])
     assert log["built"] == 1 and log["resets"] == 2  # one engine per model; weights each call
+    # the trainer's activation-checkpointing wrappers are not part of the names vLLM receives
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrapped, log["loaded"] = _model(), {}
+    for i, layer in enumerate(wrapped.model.layers):
+        wrapped.model.layers[i] = checkpoint_wrapper(layer)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    get_backend("vllm", wrapped, None).sample([[5]], 2, 4, 1.0, 1.0, 0, [4])
+    assert log["loaded"].keys() == named.keys() and log["built"] == 2
 
 
 def _sharded(fully_shard):
