@@ -90,6 +90,7 @@ def estimate(
     micro_batch_tokens: int,
     *,
     activation_checkpointing: bool | str = "full",
+    checkpoint_every: int = 1,
     grad_accumulation: str = "reduce_scatter",
     reshard_after_forward: bool | str = "auto",
     mixed_precision: bool = True,
@@ -102,6 +103,9 @@ def estimate(
     GATHERED_LAYERS layers at once (`reshard_after_forward` false: every layer) and keeps the
     root (embedding = tied head, final norm) gathered for the whole step. Not counted: the CUDA
     context and NCCL buffers (~1-3 GB), allocator fragmentation, the all-gather input copies.
+    `activation_checkpointing`: `none` or `full` (True/False alike; `selective` is not modelled:
+    ValueError), on layers 0, k, 2k, ... for `checkpoint_every` = k (the others keep everything,
+    as `model.activation_checkpointing_every` does).
 
     Keys: params_shards, params_gathered, grads_shards, grads_unsharded (whole-model fp32
     gradients kept between micro-batches: `grad_accumulation=unsharded` only), grads_transient
@@ -124,8 +128,9 @@ def estimate(
     per_layer = layer_activation_bytes(config, cb)
     if ac == "none":
         acts = n_layers * per_layer * n
-    else:  # every layer's input, plus one layer's own activations while it is recomputed
-        acts = n_layers * h * cb * n + per_layer * n
+    else:  # checkpointed layers keep their input; one layer's own tensors while it recomputes
+        wrapped = -(-n_layers // checkpoint_every)
+        acts = (wrapped * h * cb + (n_layers - wrapped) * per_layer + per_layer) * n
     out = {
         "params_shards": p * 4 // w,
         "params_gathered": (root + gathered * layer) * cb,

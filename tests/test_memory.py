@@ -156,6 +156,8 @@ def test_estimate_components_for_r7b_on_8_ranks():
     # without checkpointing every layer keeps its activations: 32 layers instead of 1 + inputs
     per_token = memory.layer_activation_bytes(c)
     assert none["activations"] - rs["activations"] == 8192 * (31 * per_token - 32 * 4096 * 2)
+    every2 = memory.estimate(c, 8, 8192, checkpoint_every=2)  # 16 layers wrapped, 16 not
+    assert every2["activations"] - rs["activations"] == 8192 * 16 * (per_token - 4096 * 2)
     assert memory.estimate(c, 8, 16384)["activations"] > 1.9 * rs["activations"]
     with pytest.raises(ValueError, match="selective"):
         memory.estimate(c, 8, 8192, activation_checkpointing="selective")
