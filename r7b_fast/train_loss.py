@@ -23,6 +23,16 @@ def packed_forward(model, batch: dict) -> torch.Tensor:
     ).token_logps  # fmt: skip
 
 
+def sequence_sums(token_logps, seq_ids, num_seqs: int) -> torch.Tensor:
+    """fp32 [num_seqs]: losses.sequence_logps without its host reads (an id range check and a
+    boolean index, each a device sync per micro-batch): padding tokens (id -1) add into one
+    extra slot, dropped. collate's seq_ids are in range by construction."""
+    ids = seq_ids.reshape(-1).long()
+    ids = torch.where(ids >= 0, ids, num_seqs)
+    out = torch.zeros(num_seqs + 1, device=token_logps.device, dtype=torch.float32)
+    return out.index_add(0, ids, token_logps.reshape(-1).float())[:num_seqs]
+
+
 def sft_count(batch: dict) -> torch.Tensor:
     """Normalizer units in a micro-batch for SFT: trained target tokens."""
     return (batch["targets"] != -100).sum()
@@ -42,7 +52,8 @@ def dpo_count(batch: dict) -> torch.Tensor:
     DPO term is a mean over the step's pairs, the SFT term a mean over its chosen tokens)."""
     pairs = batch["chosen_index"].numel()
     chosen_tokens = batch["seq_target_tokens"][batch["chosen_index"]].sum()
-    return torch.stack([torch.as_tensor(pairs, device=chosen_tokens.device), chosen_tokens])
+    # new_full: a fill on the device; as_tensor(int, device=cuda) is a blocking host->device copy
+    return torch.stack([chosen_tokens.new_full((), pairs), chosen_tokens])
 
 
 def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
@@ -53,7 +64,7 @@ def dpo_loss(model, batch: dict, denom: torch.Tensor, cfg: Config):
     from r7b_fast import losses
 
     token_logps = packed_forward(model, batch)
-    seq_logps = losses.sequence_logps(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
+    seq_logps = sequence_sums(token_logps[0], batch["seq_ids"][0], batch["num_seqs"])
     chosen, rejected = batch["chosen_index"], batch["rejected_index"]
     ref = batch["ref_logps"]
     lengths = batch["seq_target_tokens"]

@@ -34,8 +34,8 @@ SFT = ["data.synthetic_families=[digits_ar]", "data.synthetic_train=8", "optim.g
        "optim.micro_batch=1", "logging.tensorboard=false", "checkpoint.export_hf=false"]  # fmt: skip
 
 
-def run(out, *overrides):
-    train.run(load_config("sft_tiny", [*COMMON, f"run.output_dir={out}", *SFT, *overrides]))
+def run(out, *overrides, config="sft_tiny"):
+    train.run(load_config(config, [*COMMON, f"run.output_dir={out}", *SFT, *overrides]))
     return out
 
 
@@ -103,14 +103,16 @@ def reads(monkeypatch):
     return counts
 
 
-def test_one_read_per_logging_interval(tmp_path, device_paths, reads):
+@pytest.mark.parametrize("config", ["sft_tiny", "dpo_tiny"])
+def test_one_read_per_logging_interval(tmp_path, device_paths, reads, config):
     """8 steps, logging.every_steps=4, checkpoint at the end only: after step 1 (warm-up:
     one-time set-up), the only reads are ONE `.tolist()` at steps 4 and 8 (the read-backs: 2 in
-    7 steps). The code before this change read 5 times per step (loss, grad_norm and token
-    `.item()`, two `isfinite` bools), plus one per micro-batch for max_seqlen and one for the
-    loss's count check: 9 per step with 2 micro-batches, 63 over steps 2..8."""
+    7 steps). The code before this change read, for sft, 5 times per step (loss, grad_norm and
+    token `.item()`, two `isfinite` bools), plus per micro-batch one for max_seqlen and one for
+    the loss's count check: 9 per step with 2 micro-batches, 63 over steps 2..8 (measured by
+    benchmarks/host_sync.py); dpo also read its metrics and checked sequence ids per step."""
     out = run(tmp_path / "run", "optim.max_steps=8", "logging.every_steps=4",
-              "checkpoint.every_steps=0")  # fmt: skip
+              "checkpoint.every_steps=0", config=config)  # fmt: skip
     seen = {step: {k: n for k, n in c.items() if k[1] not in ALLOWED_CALLERS}
             for step, c in reads.items() if step >= 2}  # fmt: skip
     expected = {4: {("tolist", "read_back"): 1}, 8: {("tolist", "read_back"): 1}}
@@ -152,6 +154,24 @@ def test_nan_between_read_backs_stops_before_saving(tmp_path, monkeypatch, fused
             assert torch.equal(p, q)
     else:
         assert not all(torch.isfinite(p).all() for p in live)
+
+
+def test_sequence_sums_match_losses_sequence_logps():
+    """train_loss.sequence_sums (no host read) equals losses.sequence_logps (its reference,
+    with checks and boolean indexing) on ragged ids with padding, values and gradients: the
+    same fp32 additions in the same order on the CPU, so exactly."""
+    from r7b_fast import losses
+    from r7b_fast.train_loss import sequence_sums
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 0, 1, 2, 2, -1, -1, 3, 3, 3, 3, -1])
+    a = torch.randn(ids.numel(), generator=g, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    got, want = sequence_sums(a, ids, 5), losses.sequence_logps(b, ids, 5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (got * torch.arange(5.0)).sum().backward()
+    (want * torch.arange(5.0)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
 def test_collate_gives_max_seqlen_from_the_host():
