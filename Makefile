@@ -3,7 +3,8 @@
 # On a machine without a CUDA GPU the bootstrap installs torch==2.13.0 (CPU wheel, local disk)
 # first, so nothing downloads a multi-GB CUDA build. The extras: `train` (our trainer, pipeline,
 # gate: datasets, tensorboard, matplotlib), `trl` (the TRL/PEFT/HF Trainer integrations), `peers`
-# (what the benchmarks and tests compare against), `dev` (pytest, hypothesis, ruff).
+# (what the benchmarks and tests compare against), `dev` (pytest, hypothesis, ruff), `eval`
+# (lm-evaluation-harness).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -19,7 +20,7 @@ $(STAMP): $(DEPS)
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "no CUDA GPU: installing the CPU build torch==2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev,peers,train,trl]"
+	$(PY) -m pip install -q -e ".[dev,peers,train,trl,eval]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,7 +11,9 @@
 - Reports: `accuracy_table` (markdown, stages x families), `write_report` (report.json,
   report.md, accuracy.png, loss_curves.png; matplotlib with the Agg backend, no display needed).
 
-`python -m r7b_fast.eval MODEL_DIR EVAL.jsonl [--n-per-family N]` prints one model's metrics.
+`python -m r7b_fast.eval MODEL_DIR EVAL.jsonl [--n-per-family N]` prints one model's metrics;
+`--lm-eval TASKS [--limit N]` adds lm-evaluation-harness scores (`r7b_fast.lm_eval_run`; then
+EVAL.jsonl is optional).
 """
 
 from __future__ import annotations
@@ -371,13 +373,32 @@ def write_report(
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m r7b_fast.eval", description=__doc__.split("\n")[0])
     p.add_argument("model_dir")
-    p.add_argument("eval_jsonl")
+    p.add_argument("eval_jsonl", nargs="?", help="held-out rows (optional with --lm-eval)")
     p.add_argument("--n-per-family", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--lm-eval", metavar="TASKS", default=None,
+                   help="also run lm-evaluation-harness tasks (comma-separated; shipped: "
+                   "r7b_arith_ar, r7b_arith_ar_mc; offline; needs r7b-fast[eval])")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    p.add_argument("--include-path", action="append", default=None,
+                   help="lm-eval: more task directories (the shipped one is always included)")  # fmt: skip
     a = p.parse_args(argv)
-    rows = subsample(read_jsonl(a.eval_jsonl), a.n_per_family)
-    m = evaluate_checkpoint(a.model_dir, rows, max_new_tokens=a.max_new_tokens)
-    print(accuracy_table([(Path(a.model_dir).name, m)]))
+    if a.eval_jsonl is None and a.lm_eval is None:
+        p.error("give EVAL_JSONL, --lm-eval TASKS, or both")
+    name = Path(a.model_dir).name
+    if a.eval_jsonl is not None:
+        rows = subsample(read_jsonl(a.eval_jsonl), a.n_per_family)
+        m = evaluate_checkpoint(a.model_dir, rows, max_new_tokens=a.max_new_tokens)
+        print(accuracy_table([(name, m)]))
+    if a.lm_eval is not None:
+        import torch
+
+        from r7b_fast.lm_eval_run import TASKS_DIR, run_lm_eval, scores_table
+
+        scores = run_lm_eval(a.model_dir, a.lm_eval, limit=a.limit,
+                             include_path=[TASKS_DIR, *(a.include_path or [])],
+                             device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+        print(("\n" if a.eval_jsonl else "") + scores_table(scores, title=name))
 
 
 if __name__ == "__main__":

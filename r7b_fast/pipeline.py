@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from r7b_fast.lm_eval_run import lm_eval_markdown
 from r7b_fast.pipeline_gate import gate_markdown, gated_files, run_gate_stage
 from r7b_fast.pipeline_spec import (
     EXPERT_KEYS,
@@ -243,6 +244,14 @@ def run_eval(st: Stage, d: Path, ctx: Context) -> dict:
     (d / "samples.jsonl").write_text(
         "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples), encoding="utf-8"
     )
+    if s.get("lm_eval"):  # eval.lm_eval: lm-evaluation-harness on this export, offline
+        import torch
+
+        from r7b_fast.lm_eval_run import run_lm_eval
+
+        metrics.update(run_lm_eval(ctx.model(s["model"]), s["lm_eval"]["tasks"],
+                                   limit=s["lm_eval"]["limit"],
+                                   device="cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
     write_json(d / "eval.json", metrics)
     return metrics
 
@@ -326,6 +335,7 @@ def write_pipeline_report(ctx: Context, stages: list[Stage]) -> dict:
                 merges[st.name] = rec["result"]
     extra_md = ablation_markdown(ctx, merges)
     extra_md = "\n\n".join(x for x in (extra_md, gate_markdown(ctx)) if x)
+    extra_md = "\n\n".join(x for x in (extra_md, lm_eval_markdown(results)) if x)
     paths = write_report(results, ctx.work / "report", metrics_files=metrics_files,
                          extra={"merges": merges, "work_dir": str(ctx.work)},
                          extra_md=extra_md)  # fmt: skip

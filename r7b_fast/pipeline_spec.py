@@ -42,7 +42,7 @@ SECTION_KEYS = {
     },
     "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge"},
     "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"},
-    "eval": {"families", "n_per_family", "max_new_tokens", "max_len"},
+    "eval": {"families", "n_per_family", "max_new_tokens", "max_len", "lm_eval"},
     "gate": GATE_KEYS,  # the dataset quality gate (r7b_fast.pipeline_gate)
 }
 
@@ -113,6 +113,7 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     for sec in ("dpo", "online_dpo", "eval"):
         _check_families(f"{sec}.families", spec[sec].get("families"))
     _check_data(spec["data"])
+    _check_lm_eval(spec["eval"].get("lm_eval"))
     check_gate(spec)  # the `gate:` section (r7b_fast.pipeline_gate)
     _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
@@ -206,6 +207,43 @@ def _check_families(key: str, fams) -> None:
         raise PipelineError(f"{key}: unknown families {bad!r} (known: {', '.join(FAMILIES)})")
 
 
+def _check_lm_eval(lm) -> None:
+    """eval.lm_eval: null, or {tasks: non-empty list of lm-eval task names, limit: null or an int
+    >= 1 (documents per task), stages: "all" (default) or a list of model stage names}. Needs
+    lm_eval installed; non-shipped task names are looked up in lm-eval's index now (~20 s), so a
+    typo fails before any training. Stage names are checked by `build_stages`."""
+    if lm is None:
+        return
+    _check_keys("eval.lm_eval", lm, {"tasks", "limit", "stages"})
+    tasks, limit, stages = lm.get("tasks"), lm.get("limit"), lm.get("stages", "all")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise PipelineError(
+            f"eval.lm_eval.tasks: expected a non-empty list of names, got {tasks!r}"
+        )
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise PipelineError(f"eval.lm_eval.limit: expected an int >= 1 or null, got {limit!r}")
+    if stages != "all" and not (isinstance(stages, list) and stages
+                                and all(isinstance(x, str) for x in stages)):  # fmt: skip
+        raise PipelineError(f"eval.lm_eval.stages: expected 'all' or a list of stage names, "
+                            f"got {stages!r}")  # fmt: skip
+    from r7b_fast.lm_eval_run import check_tasks
+
+    try:
+        check_tasks(tasks)
+    except (ImportError, ValueError) as e:
+        raise PipelineError(f"eval.lm_eval: {e}") from e
+
+
+def _check_lm_eval_stages(spec: dict, stages: list[Stage]) -> None:
+    """Every stage named in eval.lm_eval.stages is a model stage that gets an eval stage."""
+    wanted = (spec["eval"].get("lm_eval") or {}).get("stages", "all")
+    evaluated = [st.spec["model"] for st in stages if st.kind == "eval"]
+    unknown = [] if wanted == "all" else [x for x in wanted if x not in evaluated]
+    if unknown:
+        raise PipelineError(f"eval.lm_eval.stages: {unknown} are not evaluated stages "
+                            f"(evaluated: {', '.join(evaluated)})")  # fmt: skip
+
+
 def _check_data(data: dict) -> None:
     """data.n_train / n_eval: ints >= 1; data.difficulty: 1, 2 or 3 (bools are not ints)."""
     for k, ok, want in (("n_train", lambda v: v >= 1, "an int >= 1"),
@@ -250,8 +288,11 @@ class _StageList:
     stages: list[Stage] = field(default_factory=list)
 
     def add_eval(self, model: str, label: str) -> None:
-        self.stages.append(Stage(f"eval_{model}", "eval", ["data", model], {"model": model,
-                           **self.eval_spec}, label=label))  # fmt: skip
+        spec = {"model": model, **self.eval_spec}
+        lm = spec.pop("lm_eval", None)  # only the selected stages carry (and hash) eval.lm_eval
+        if lm and (lm["stages"] == "all" or model in lm["stages"]):
+            spec["lm_eval"] = {"tasks": lm["tasks"], "limit": lm["limit"]}
+        self.stages.append(Stage(f"eval_{model}", "eval", ["data", model], spec, label=label))
 
     def add_train(self, name, cfg, model, files, overrides, label, seed=None) -> None:
         seed = self.seed if seed is None else seed
@@ -275,6 +316,7 @@ def build_stages(spec: dict) -> list[Stage]:
         model = _dpo_stages(g, spec["dpo"], model)
     if spec["online_dpo"]:
         _online_stages(g, spec["online_dpo"], model)
+    _check_lm_eval_stages(spec, g.stages)
     return g.stages
 
 
@@ -307,6 +349,10 @@ def _data_stage(spec: dict, seed: int) -> tuple[Stage, dict]:
         "max_new_tokens": int(ev.get("max_new_tokens", 24)),
         "max_len": int(ev.get("max_len", 512)),
     }
+    if ev.get("lm_eval"):  # absent otherwise, so specs without it hash as before
+        lm = ev["lm_eval"]
+        eval_spec["lm_eval"] = {"tasks": list(lm["tasks"]), "limit": lm.get("limit"),
+                                "stages": lm.get("stages", "all")}  # fmt: skip
     return Stage("data", "data", [], data_spec), eval_spec
 
 

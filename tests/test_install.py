@@ -95,6 +95,7 @@ EXTRAS = {
     "trl": {"trl", "peft", "accelerate"},
     "dev": {"pytest", "hypothesis", "ruff", "tomli"},
     "peers": {"liger-kernel", "trl", "mergekit"},
+    "eval": {"lm-eval"},
     "all": {"r7b-fast"},
 }
 URLS = {"Homepage", "Repository", "Issues"}
@@ -122,7 +123,7 @@ def _check_metadata(meta) -> None:
     assert extras == EXTRAS, extras
     (everything,) = [r for r in meta.get_all("Requires-Dist") if _name(r) == "r7b-fast"]
     brings = re.search(r"\[([^\]]*)\]", everything).group(1)  # `all` = the other user extras
-    assert set(brings.replace(" ", "").split(",")) == {"train", "trl", "peers"}
+    assert set(brings.replace(" ", "").split(",")) == {"train", "trl", "peers", "eval"}
 
 
 def test_metadata_of_a_built_dist_info(tmp_path):
