@@ -29,6 +29,14 @@ import yaml
 STAGES = ("sft", "dpo", "online_dpo")
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 DPO_LOSS_KINDS = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+AC_MODES = ("none", "full", "selective")
+COMPILE_MODES = ("auto", "on", "off")
+# str fields that also accept a YAML bool, read as the named value (kept from when they were
+# bools, and natural to write: `compile: true`). from_dict maps the bool before type-checking.
+BOOL_ALIASES = {
+    "model.activation_checkpointing": {True: "full", False: "none"},
+    "model.compile": {True: "on", False: "off"},
+}
 
 
 class ConfigError(ValueError):
@@ -73,8 +81,19 @@ class ModelConfig:
     kernel_backend: str = "auto"
     """Backend of our kernels (linear_logprobs, varlen attention): `auto` (Triton on CUDA or
     under TRITON_INTERPRET=1, else the torch twin), `triton` or `torch`."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass (saves memory, ~30% more compute)."""
+    activation_checkpointing: str = "none"
+    """`none`; `full`: recompute each checkpointed decoder layer in the backward pass (least
+    memory, ~one more forward of compute); `selective`: op-level selective checkpointing, the
+    layer's matmul (and attention kernel) outputs are saved and only the cheap ops (norms,
+    activations, elementwise) are recomputed (r7b_fast.distributed). YAML `true`/`false` mean
+    `full`/`none`. Same gradients in every mode."""
+    activation_checkpointing_every: int = 1
+    """Checkpoint every k-th decoder layer only (layers 0, k, 2k, ...; 1 = all), for `full` and
+    `selective`: trades memory for less recomputation."""
+    compile: str = "auto"
+    """Regional `torch.compile` of each decoder layer and of the fused loss head
+    (r7b_fast.compile, dynamic shapes): `auto` (on for CUDA, off on CPU), `on` or `off`; YAML
+    `true`/`false` mean `on`/`off`. The first steps pay the compilation (see docs/performance.md)."""
 
 
 @dataclass
@@ -335,6 +354,8 @@ def from_dict(data: dict) -> Config:
             key = f"{section}.{name}"
             if name not in hints:
                 raise ConfigError(f"{key}: unknown key (known: {', '.join(hints)})")
+            if isinstance(value, bool) and key in BOOL_ALIASES:
+                value = BOOL_ALIASES[key][value]
             setattr(obj, name, _coerce(key, value, hints[name]))
     return cfg
 
@@ -409,6 +430,12 @@ def validate(cfg: Config) -> None:
     _check(
         m.kernel_backend in ("auto", "torch", "triton"), "model.kernel_backend", "auto|torch|triton"
     )
+    _check(m.activation_checkpointing in AC_MODES, "model.activation_checkpointing",
+           f"must be one of {AC_MODES} (or true/false), got {m.activation_checkpointing!r}")  # fmt: skip
+    _check(m.activation_checkpointing_every >= 1, "model.activation_checkpointing_every",
+           "must be >= 1")  # fmt: skip
+    _check(m.compile in COMPILE_MODES, "model.compile",
+           f"must be one of {COMPILE_MODES} (or true/false), got {m.compile!r}")  # fmt: skip
     if m.path != "tiny":
         _check(os.path.isdir(m.path), "model.path", f"not a directory: {m.path}")
         _check(not m.tiny_overrides, "model.tiny_overrides", "only valid with model.path=tiny")

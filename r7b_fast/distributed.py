@@ -4,11 +4,13 @@
 CPU) and returns a `Dist` describing this process. `parallelize(model, dist, ...)` applies the
 transforms to a built model, always in this order:
 
-1. activation checkpointing around each decoder layer (optional),
-2. FSDP2 `fully_shard` on each decoder layer, then on the root model (only when world_size > 1),
+1. activation checkpointing around decoder layers (optional: `none`, `full` or `selective`,
+   every k-th layer),
+2. regional torch.compile of each decoder layer and the loss head (optional, r7b_fast.compile),
+3. FSDP2 `fully_shard` on each decoder layer, then on the root model (only when world_size > 1),
    with bf16 parameters and fp32 gradient reduction on GPU (`MixedPrecisionPolicy`).
 
-Kernel patching (`r7b_fast.model.apply_kernels`) happens before both, on the plain model. The
+Kernel patching (`r7b_fast.model.apply_kernels`) happens before all three, on the plain model. The
 training loss is computed inside the root module's forward (the patched forward returns token
 log-probs), so FSDP has unsharded `lm_head.weight` (tied to the embedding) when it is used.
 """
@@ -115,13 +117,59 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wrap each decoder layer so its activations are recomputed in backward (non-reentrant)."""
+AC_MODES = ("none", "full", "selective")
+# Selective checkpointing saves these ops' outputs (the costly ones to recompute: matmuls and
+# attention, ours included) and recomputes everything else (norms, activations, rotary,
+# elementwise, casts: cheap, and most of the activation memory).
+_SAC_SAVE = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")  # fmt: skip
+
+
+def _sac_saved_ops() -> set:
+    ops = {getattr(torch.ops.aten, name).default for name in _SAC_SAVE
+           if hasattr(torch.ops.aten, name)}  # fmt: skip
+    import r7b_fast.kernels.attention  # noqa: F401  (registers r7b_fast::varlen_attention_fwd)
+
+    ops.add(torch.ops.r7b_fast.varlen_attention_fwd.default)
+    return ops
+
+
+def _sac_context():
+    """Fresh (forward, recompute) contexts of the selective policy, one pair per checkpoint call."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _sac_saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str | bool = "full", *,
+                                   every: int = 1) -> None:  # fmt: skip
+    """Wrap decoder layers 0, every, 2*every, ... so their activations are recomputed in backward
+    (non-reentrant `torch.utils.checkpoint`; HF parameter names kept via unwrap_layer_names).
+
+    mode: `none` (nothing), `full` (the layer's forward runs again in backward: only its input is
+    kept) or `selective` (op-level: the outputs of matmuls and attention, `_SAC_SAVE` and our
+    varlen attention op, are saved, the rest is recomputed); True/False mean full/none. Gradients
+    are those of `none` (the same ops on the same inputs). Apply before torch.compile (the compiled
+    layer then contains the checkpointed region) and FSDP2 (`parallelize` does)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    mode = {True: "full", False: "none"}[mode] if isinstance(mode, bool) else mode
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing must be one of {AC_MODES}, got {mode!r}")
+    if every < 1:
+        raise ValueError(f"activation checkpointing every: must be >= 1, got {every}")
+    if mode == "none":
+        return
+    extra = {"context_fn": _sac_context} if mode == "selective" else {}
     layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    for i in range(0, len(layers), every):
+        layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False, **extra)
 
 
 def apply_fsdp(model: nn.Module, dist: Dist, *, mixed_precision: bool, options=None) -> None:
@@ -171,14 +219,23 @@ def parallelize(
     model: nn.Module,
     dist: Dist,
     *,
-    activation_checkpointing: bool,
+    activation_checkpointing: str | bool,
     mixed_precision: bool,
     fsdp=None,
+    activation_checkpointing_every: int = 1,
+    compile: bool = False,
 ) -> nn.Module:
     """Apply the transforms in the documented order (see the module docstring); returns `model`.
-    `fsdp`: the `fsdp` config section (apply_fsdp's options; None = defaults)."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    `fsdp`: the `fsdp` config section (apply_fsdp's options; None = defaults).
+    activation_checkpointing(_every): apply_activation_checkpointing's mode and every; compile:
+    regional torch.compile of the layers and the loss head (r7b_fast.compile.compile_model)."""
+    apply_activation_checkpointing(
+        model, activation_checkpointing, every=activation_checkpointing_every
+    )
+    if compile:
+        from r7b_fast.compile import compile_model
+
+        compile_model(model)
     if dist.distributed:
         apply_fsdp(model, dist, mixed_precision=mixed_precision, options=fsdp)
     return model

@@ -20,7 +20,8 @@ IGNORE_INDEX = -100
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
 
 
-def token_logps(model, input_ids, position_ids, targets, *, backend="auto", **model_kwargs):
+def token_logps(model, input_ids, position_ids, targets, *, backend="auto", head=None,
+                **model_kwargs):  # fmt: skip
     """Log-prob of each target token under `model`, without computing the logits.
 
     Args:
@@ -29,6 +30,8 @@ def token_logps(model, input_ids, position_ids, targets, *, backend="auto", **mo
             predict at each position) and -100 where nothing is trained.
         backend: passed to `linear_logprobs`; model_kwargs go to `model.model(...)` (e.g. the
             packed-attention kwargs).
+        head: called instead of `linear_logprobs` (same arguments), e.g. the compiled one that
+            r7b_fast.compile installs; None: `linear_logprobs`.
     Returns:
         fp32 (B, T): log p(targets[b, t]) where targets != -100, else 0; differentiable.
     """
@@ -44,7 +47,7 @@ def token_logps(model, input_ids, position_ids, targets, *, backend="auto", **mo
     flat_t = targets.reshape(-1)
     rows = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)  # only trained tokens reach the kernel
     scale = getattr(model.config, "logit_scale", None) or 1.0
-    picked = linear_logprobs(
+    picked = (head or linear_logprobs)(
         hidden.reshape(-1, hidden.shape[-1])[rows],
         model.lm_head.weight,
         flat_t[rows],

@@ -270,8 +270,10 @@ def _token_logps(lm, input_ids, position_ids, targets, backend, kwargs):
     ignore_index instead: static shapes, no graph break, the same values (0 where ignored)."""
     from r7b_fast import losses
 
-    if not torch.compiler.is_compiling():
-        return losses.token_logps(lm, input_ids, position_ids, targets, backend=backend, **kwargs)
+    if not torch.compiler.is_compiling():  # "head": r7b_fast.compile's compiled linear_logprobs
+        head = lm._r7b_kernels.get("head")
+        return losses.token_logps(lm, input_ids, position_ids, targets, backend=backend,
+                                  head=head, **kwargs)  # fmt: skip
     from r7b_fast.kernels.fused_logprobs import linear_logprobs
 
     hidden = lm.model(

@@ -3,7 +3,8 @@ anything in it changes.
 
 Fingerprint (`fingerprint`, stored in `out/run.json`): a flat mapping of dotted keys to the
 values that determine the trained result: every config key except the result-neutral ones
-(`NEUTRAL`: output dir, threads, device, kernel/attention implementation, checkpointing,
+(`NEUTRAL`: output dir, threads, device, kernel/attention implementation, activation
+checkpointing, torch.compile, checkpointing,
 FSDP resharding and gradient accumulation scheme, the AdamW implementation, logging and
 held-out eval cadence, debug aids, this module's own switches), with `model.path` resolved to an
 absolute directory, plus identities of the inputs: `model.path:weights` (config.json and the
@@ -53,6 +54,7 @@ LOCK = ".lock"
 NEUTRAL = (
     "run.output_dir", "run.cpu_threads", "run.device", "run.allow_changes", "run.overwrite",
     "model.kernel_backend", "model.attention", "model.activation_checkpointing",
+    "model.activation_checkpointing_every", "model.compile",
     "checkpoint.", "logging.", "debug.", "eval.", "data.eval",  # held-out measurement only
     # Same update to fp32 rounding (reduce-scatter per micro-batch or once, resharding, the
     # AdamW kernel): a memory/speed choice, free to change on resume.

@@ -140,8 +140,10 @@ def load_tokenizer(cfg: Config):
 
 def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
     """Load/build the model, then the transforms in order: kernels, activation checkpointing,
-    FSDP2 (distributed.parallelize documents the last two). Under torchrun a checkpoint is
-    built on the meta device, sharded, then filled from rank 0's copy of the weights."""
+    regional torch.compile (model.compile), FSDP2 (distributed.parallelize documents the last
+    three). Under torchrun a checkpoint is built on the meta device, sharded, then filled from
+    rank 0's copy of the weights."""
+    from r7b_fast.compile import enabled as compile_enabled
     from r7b_fast.model import apply_kernels, fresh_buffers, load_model, read_hf_weights
 
     dtype, mixed = compute_dtypes(cfg, dist.device)
@@ -172,6 +174,8 @@ def build_model(cfg: Config, dist: distributed.Dist, tokenizer):
         dist,
         mixed_precision=mixed,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        activation_checkpointing_every=cfg.model.activation_checkpointing_every,
+        compile=compile_enabled(cfg.model.compile, dist.device),
         fsdp=cfg.fsdp,
     )
     if sharded_load:

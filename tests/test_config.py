@@ -68,6 +68,10 @@ def test_saved_config_round_trips(tmp_path):
         ("model.path=/no/such/model", "model.path"),
         ("run.output_dir=", "run.output_dir"),
         ("optim.lr", "optim.lr"),  # no '='
+        ("model.compile=maybe", "model.compile"),
+        ("model.compile=1", "model.compile"),  # an int is no bool alias
+        ("model.activation_checkpointing=partial", "model.activation_checkpointing"),
+        ("model.activation_checkpointing_every=0", "model.activation_checkpointing_every"),
     ],
 )
 def test_errors_name_the_key(tmp_path, override, key):
@@ -75,6 +79,33 @@ def test_errors_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, BASE), overrides)
     assert str(e.value).startswith(key), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key, given, want",
+    [
+        ("activation_checkpointing", True, "full"),
+        ("activation_checkpointing", False, "none"),
+        ("activation_checkpointing", "selective", "selective"),
+        ("compile", True, "on"),
+        ("compile", False, "off"),
+        ("compile", "auto", "auto"),
+    ],
+)
+def test_bool_aliases_of_str_fields(tmp_path, key, given, want):
+    """YAML true/false on the str fields that name them (config.BOOL_ALIASES), in the file and
+    as an override; the resolved config saves the name and loads back the same."""
+    data = {**BASE, "model": {key: given}}
+    from_file = load_config(write(tmp_path, data))
+    from_override = load_config(write(tmp_path, BASE), [f"model.{key}={str(given).lower()}"])
+    assert getattr(from_file.model, key) == getattr(from_override.model, key) == want
+    C.save_config(from_file, tmp_path / "resolved.yaml")
+    assert load_config(str(tmp_path / "resolved.yaml")) == from_file
+
+
+def test_bool_alias_only_on_named_fields(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.attention: expected str, got bool"):
+        load_config(write(tmp_path, BASE), ["model.attention=true"])
 
 
 def test_missing_dataset_path_names_index(tmp_path):
