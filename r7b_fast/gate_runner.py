@@ -74,13 +74,13 @@ def run_plan(plan: GatePlan, log=print) -> dict:
         f"gate: mixture, {len(plan.seeds)} seeds: "
         + ", ".join(f"{k}={v:.4f}" for k, v in mean.items())
     )
-    decisions, final, files = [], {}, {}
+    decisions, final, files, memo = [], {}, {}, {}
     for c in plan.candidates:
         name, out = c["name"], work / c["name"]
 
         def gate_files(fs, k, c=c, out=out):
-            runs = [evaluate_proxy(plan, train_proxy(plan, out / f"r{k}" / f"seed{s}",
-                                                     [*plan.mixture, *fs], s)) for s in plan.seeds]  # fmt: skip
+            runs = [proxy_metrics(plan, out / f"r{k}" / f"seed{s}", [*plan.mixture, *fs], s, memo)
+                    for s in plan.seeds]  # fmt: skip
             return decide_seeds(c["name"], [base[s] for s in plan.seeds], runs, target=c["target"],
                                 threshold=plan.threshold, tolerance=plan.tolerance, z=plan.z,
                                 tracked=plan.tracked or [k for k in mean if k.startswith("loss")])  # fmt: skip
@@ -121,6 +121,17 @@ def gate_summary(plan: GatePlan, final: dict[str, Decision], secs: float) -> str
             f"gain > max(threshold {plan.threshold:g}, z {plan.z:g} x SE of the mean paired "
             f"difference) and no other tracked loss worsens by more than {plan.tolerance:g} on "
             f"average. Outcome: {out}. ({secs:.0f} s)")  # fmt: skip
+
+
+def proxy_metrics(plan: GatePlan, out: Path, files: list[Path], seed: int, memo: dict) -> dict:
+    """`evaluate_proxy(train_proxy(...))`, once per (seed, data content): two candidates with
+    the same rows (e.g. one data set gated with two teacher pools) share their proxy runs."""
+    import hashlib
+
+    key = (seed, tuple(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files))
+    if key not in memo:
+        memo[key] = evaluate_proxy(plan, train_proxy(plan, out, files, seed))
+    return memo[key]
 
 
 def train_proxy(plan: GatePlan, out: Path, files: list[Path], seed: int) -> Path:

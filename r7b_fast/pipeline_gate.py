@@ -267,10 +267,12 @@ def gate_inputs(stage) -> dict[str, str]:
 
 def run_gate_stage(st, d: Path, ctx) -> dict:
     """The pipeline's `gate` stage: draws each candidate's families (`data`: n_train rows per
-    family with the gate's data seed, never an eval prompt), runs `gate_runner.run_plan` on the
-    data stage's mixture and eval rows, and writes `gated/<expert>.jsonl`: the rows of every kept
-    candidate (as given, or regenerated) that joins that expert. Restores torch's thread count
-    (the in-process trainer sets run.cpu_threads)."""
+    family with the gate's data seed, never an eval prompt), takes the first n_train rows of each
+    expert dataset as the proxy's mixture (so a candidate weighs in the proxy as one family does),
+    runs `gate_runner.run_plan` with the data stage's eval rows, and writes
+    `gated/<expert>.jsonl`: the rows of every kept candidate (as given, or regenerated) that
+    joins that expert. Restores torch's thread count (the in-process trainer sets
+    run.cpu_threads)."""
     import torch
 
     from r7b_fast.data.synthetic import generate_split, write_jsonl
@@ -292,13 +294,17 @@ def run_gate_stage(st, d: Path, ctx) -> dict:
                 "teachers": [str(ctx.model(t) if k == "stage" else t) for k, t in arb["teachers"]],
             }
         cands.append({**c, "files": files, "arbitrage": arb})
+    mixture = []  # the proxy's sample of the mixture: n_train rows of each expert dataset
+    for i, (f, k) in enumerate(s["mixture"]):
+        sample = read_jsonl(ctx.data_file(f, k))[: dd["n_train"]]
+        mixture.append(write_jsonl(sample, d / "mixture_rows" / f"{i:02d}_{Path(f).stem}.jsonl"))
     ev = s["eval"]
     rows = [r for f in ev["families"] for r in subsample(read_jsonl(ctx.data_file(f, "eval")),
                                                           ev["n_per_family"])]  # fmt: skip
     model = {"path": "tiny" if s["model"] == "tiny" else str(ctx.model(s["model"])),
              "tiny_overrides": s["tiny_overrides"] if s["model"] == "tiny" else {}}  # fmt: skip
     plan = GatePlan(work=d, config=s["config"], model=model, overrides=s["overrides"],
-                    seeds=s["seeds"], mixture=[ctx.data_file(f, k) for f, k in s["mixture"]],
+                    seeds=s["seeds"], mixture=mixture,
                     candidates=cands, eval_rows=rows, threshold=s["threshold"],
                     tolerance=s["tolerance"], z=s["z"], tracked=s["tracked"])  # fmt: skip
     threads = torch.get_num_threads()

@@ -146,17 +146,22 @@ def test_micro_pipeline_gate_phase_keeps_rejects_and_resumes(tmp_path, helpers_o
 def test_gate_stage_regenerated_then_kept_reaches_the_expert(tmp_path, monkeypatch):
     """Scripted proxy metrics (no proxy training): bad_len is rejected as given and kept after
     one regeneration (the loop stops there, though 2 were allowed); the regenerated rows -- not
-    the original wrong ones -- join `math`."""
+    the original wrong ones -- join `math`. `same_rows` (bad_len's rows, no arbitrage) reuses
+    bad_len's proxy runs instead of training its own."""
     work = tmp_path / "work"
+    same = {**BAD_LEN, "name": "same_rows", "arbitrage": False}
     spec = pl.load_pipeline(str(write_spec(tmp_path / "s.yaml", work,
-                                           candidates=[BAD_LEN])))  # fmt: skip
+                                           candidates=[BAD_LEN, same])))  # fmt: skip
     stages = {s.name: s for s in pl.build_stages(spec)}
     ctx = pl.Context(spec, work, stages, log=lambda *a: None)
     for name in ("data", "init"):
         (work / name).mkdir(parents=True)
         pl.EXECUTORS[stages[name].kind](stages[name], work / name, ctx)
 
+    trained = []
+
     def fake_train(plan, out, files, seed):
+        trained.append(out.relative_to(work / "gate").as_posix())
         return out / "hf"
 
     def fake_eval(plan, hf, rows=None):  # .../bad_len/r<k>/seed<s>/hf or .../mixture/seed<s>/hf
@@ -168,9 +173,13 @@ def test_gate_stage_regenerated_then_kept_reaches_the_expert(tmp_path, monkeypat
     monkeypatch.setattr(gate_runner, "evaluate_proxy", fake_eval)
     (work / "gate").mkdir()
     res = pl.EXECUTORS["gate"](stages["gate"], work / "gate", ctx)
-    assert res["kept"] == ["bad_len"] and res["gated"]["math"]["rows"] == 32
+    assert res["kept"] == ["bad_len"] and res["rejected"] == ["same_rows"]
+    assert res["gated"]["math"]["rows"] == 32
+    assert trained == ["mixture/seed0", "mixture/seed1", "bad_len/r0/seed0", "bad_len/r0/seed1",
+                       "bad_len/r1/seed0", "bad_len/r1/seed1"]  # fmt: skip
     g = json.loads((work / "gate" / "gate.json").read_text())
-    assert [(d["round"], d["keep"]) for d in g["decisions"]] == [(0, False), (1, True)]
+    assert [(d["candidate"], d["round"], d["keep"]) for d in g["decisions"]] == [
+        ("bad_len", 0, False), ("bad_len", 1, True), ("same_rows", 0, False)]  # fmt: skip
     assert g["decisions"][1]["deltas"]["loss/arith_ar"] == pytest.approx(0.5)
     assert g["decisions"][1]["se"]["loss/arith_ar"] == pytest.approx(0.0, abs=1e-12)
     regen = read_jsonl(work / "gate" / "bad_len" / "r1" / "data.jsonl")
