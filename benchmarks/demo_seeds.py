@@ -44,11 +44,14 @@ def run_seed(pipeline: str, seed: int, work: Path, log: Path) -> dict:
     and the 1-minute load average before and after."""
     cmd = [sys.executable, "-m", "r7b_fast.pipeline", pipeline, "--seed", str(seed),
            "--work-dir", str(work)]  # fmt: skip
+    # one thread for the pipeline's own evals too (the trainers already run one: the demo's
+    # train_overrides): on a shared 2-core machine torch's default 2 threads fight the other jobs
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     load0, t0 = os.getloadavg()[0], time.time()
     with open(log, "ab") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
     return {"seconds": round(time.time() - t0, 1), "rc": rc, "load_before": load0,
-            "load_after": os.getloadavg()[0]}  # fmt: skip
+            "load_after": os.getloadavg()[0], "omp_num_threads": env["OMP_NUM_THREADS"]}  # fmt: skip
 
 
 def stage_seconds(work: Path) -> dict:

@@ -1,6 +1,6 @@
 """The Command R7B Arabic post-training recipe as one resumable command.
 
-    python -m r7b_fast.pipeline PIPELINE.yaml|builtin-name [--from STAGE] [--work-dir DIR]
+    python -m r7b_fast.pipeline PIPELINE.yaml|builtin-name [--from STAGE] [--work-dir DIR] [--seed N]
 
 One YAML (see `r7b_fast/configs/pipeline_demo.yaml`) describes the recipe; it compiles into a
 linear list of stages, each with its own directory `work_dir/<stage>/`:
@@ -18,10 +18,15 @@ linear list of stages, each with its own directory `work_dir/<stage>/`:
     sft_merge_alt              ablation: the experts merged by sft.ablation_merge's method (e.g.
                                ties), evaluated beside the linear merge (not used downstream)
     dpo, dpo_merge             2. offline DPO from the generalist -> merge with the generalist
+                               (dpo.experts: dpo_<expert>... -> their equal-weight merge; see
+                               r7b_fast/pipeline_pref.py)
     online_r1..online_rR       3. on-policy DPO rounds, each from the previous round
-    online_merge               -> merge the last round with the DPO generalist
+    online_merge               -> merge the last round with the DPO generalist (experts:
+                               online_r<r>_<expert> -> online_r<r>_merge per round)
     eval_<stage>               4. held-out loss + greedy accuracy after every model stage
-    report                     JSON + markdown table + PNG plots (always rewritten)
+    report                     JSON + markdown table + PNG plots (always rewritten); per stage
+                               the paired lift vs its start, the DPO metrics and the on-policy
+                               rounds' pair statistics (r7b_fast/pipeline_lift.py)
 
 Training stages run `python -m r7b_fast.train CONFIG key=value...` as subprocesses (under
 `torchrun --nproc_per_node N` when nproc > 1), so they run exactly the trainer's code, and die
@@ -54,6 +59,7 @@ from pathlib import Path
 
 from r7b_fast.lm_eval_run import lm_eval_markdown
 from r7b_fast.pipeline_gate import gate_markdown, gated_files, run_gate_stage
+from r7b_fast.pipeline_lift import dpo_markdown, lift_markdown, stage_evidence
 from r7b_fast.pipeline_spec import (
     EXPERT_KEYS,
     SECTION_KEYS,
@@ -335,9 +341,14 @@ def write_pipeline_report(ctx: Context, stages: list[Stage]) -> dict:
                 merges[st.name] = rec["result"]
     extra_md = ablation_markdown(ctx, merges)
     extra_md = "\n\n".join(x for x in (extra_md, gate_markdown(ctx)) if x)
+    lift, dpo, rounds = stage_evidence(ctx.work, stages)  # paired lifts, DPO metrics, rounds
+    extra_md = "\n\n".join(
+        x for x in (extra_md, lift_markdown(lift), dpo_markdown(dpo, rounds)) if x
+    )
     extra_md = "\n\n".join(x for x in (extra_md, lm_eval_markdown(results)) if x)
     paths = write_report(results, ctx.work / "report", metrics_files=metrics_files,
-                         extra={"merges": merges, "work_dir": str(ctx.work)},
+                         extra={"merges": merges, "work_dir": str(ctx.work), "lift": lift,
+                                "dpo": dpo, "rounds": rounds},
                          extra_md=extra_md)  # fmt: skip
     return {"report": paths, "table": accuracy_table(results, loss=True), "ablation": extra_md}
 
@@ -378,10 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pipeline", help="a pipeline YAML or a built-in name (pipeline_demo)")
     p.add_argument("--from", dest="from_stage", default=None, help="redo from this stage on")
     p.add_argument("--work-dir", default=None, help="override the YAML's work_dir")
+    p.add_argument("--seed", type=int, default=None, help="override the YAML's seed (the tiny "
+                   "base's init, the generated data, every trainer's run.seed)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="print the stages and exit")
     a = p.parse_args(argv)
     try:
-        spec = load_pipeline(a.pipeline, a.work_dir)
+        spec = load_pipeline(a.pipeline, a.work_dir, seed=a.seed)
         if a.list:
             for st in build_stages(spec):
                 print(f"{st.name:<24} {st.kind:<8} deps={','.join(st.deps)}")

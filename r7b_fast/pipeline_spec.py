@@ -25,6 +25,7 @@ from r7b_fast.data.synthetic import FAMILIES
 from r7b_fast.pipeline_gate import GATE_KEYS, check_gate, gate_inputs, gate_stage, join_gate
 
 EXPERT_KEYS = {"name", "families", "files", "overrides"}
+PREF_KEYS = ("experts", "merge_with_start")  # preference experts: r7b_fast.pipeline_pref
 PRETRAIN_KEYS = {"config", "families", "files", "overrides", "data_seed"}
 TOP_KEYS = {"name", "work_dir", "nproc", "seed", "base", "data", "train_overrides", "sft", "dpo",
             "online_dpo", "eval", "gate"}  # fmt: skip
@@ -40,8 +41,9 @@ SECTION_KEYS = {
         "ablation_metric",
         "ablation_merge",
     },
-    "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge"},
-    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"},
+    "dpo": {"config", "families", "files", "overrides", "merge_weights", "merge", *PREF_KEYS},
+    "online_dpo": {"config", "families", "files", "rounds", "overrides", "merge_weights", "merge"}
+    | set(PREF_KEYS),
     "eval": {"families", "n_per_family", "max_new_tokens", "max_len", "lm_eval"},
     "gate": GATE_KEYS,  # the dataset quality gate (r7b_fast.pipeline_gate)
 }
@@ -85,12 +87,18 @@ def _check_keys(where: str, got: dict, allowed: set) -> None:
         raise PipelineError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(allowed)})")
 
 
-def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
+def load_pipeline(path_or_name: str, work_dir: str | None = None, seed: int | None = None) -> dict:
     """The validated spec (a dict) of a pipeline YAML; `_dir` is the YAML's directory (relative
-    trainer-config paths resolve against it) and `work_dir` is overridable."""
+    trainer-config paths resolve against it); `work_dir` and `seed` (the tiny base's init, the
+    generated data and every trainer's run.seed; not base.pretrain.data_seed) are overridable."""
     path = resolve_pipeline(path_or_name)
     spec = yaml.safe_load(path.read_text()) or {}
     _check_keys("<root>", spec, TOP_KEYS)
+    if seed is not None:
+        spec["seed"] = seed
+    s = spec.get("seed", 0)
+    if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+        raise PipelineError(f"seed: expected an int >= 0, got {s!r}")
     for sec, keys in SECTION_KEYS.items():
         spec[sec] = spec.get(sec) or {}  # absent or null: an empty section (no such stage)
         _check_keys(sec, spec[sec], keys)
@@ -113,8 +121,8 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     for sec in ("dpo", "online_dpo", "eval"):
         _check_families(f"{sec}.families", spec[sec].get("families"))
     _check_data(spec["data"])
-    _check_lm_eval(spec["eval"].get("lm_eval"))
     check_gate(spec)  # the `gate:` section (r7b_fast.pipeline_gate)
+    _check_lm_eval(spec["eval"].get("lm_eval"))
     _check_pretrain(spec["base"].get("pretrain"), spec.get("seed", 0))
     _check_weights("sft.merge_weights", spec["sft"].get("merge_weights"), len(experts))
     _check_merge("sft.merge", spec["sft"].get("merge"), len(experts), base_listed=False)
@@ -122,10 +130,10 @@ def load_pipeline(path_or_name: str, work_dir: str | None = None) -> dict:
     if alt is not None and not (isinstance(alt, dict) and alt.get("method")):
         raise PipelineError(f"sft.ablation_merge: a merge section with a `method`, got {alt!r}")
     _check_merge("sft.ablation_merge", alt, len(experts), base_listed=False)
+    from r7b_fast.pipeline_pref import check_pref
+
     for sec in ("dpo", "online_dpo"):
-        if spec[sec]:
-            _check_weights(f"{sec}.merge_weights", spec[sec].get("merge_weights"), 2)
-            _check_merge(f"{sec}.merge", spec[sec].get("merge"), 2, base_listed=True)
+        check_pref(sec, spec[sec])  # experts, merge_with_start, merge_weights, merge
     rounds = spec["online_dpo"].get("rounds", 1)
     if spec["online_dpo"] and (not isinstance(rounds, int) or rounds < 1):
         raise PipelineError(f"online_dpo.rounds: must be an int >= 1, got {rounds!r}")
@@ -324,7 +332,9 @@ def _data_stage(spec: dict, seed: int) -> tuple[Stage, dict]:
     """The data stage (every family any stage trains or evaluates on) and the eval stages' spec."""
     sft, dpo, onl, ev = spec["sft"], spec["dpo"], spec["online_dpo"], spec["eval"]
     used = [f for e in sft["experts"] for f in e.get("families") or []]
-    used += list(dpo.get("families") or []) + list(onl.get("families") or [])
+    from r7b_fast.pipeline_pref import pref_families
+
+    used += pref_families(dpo) + pref_families(onl)  # with the preference experts' families
     eval_fams = list(ev.get("families") or dict.fromkeys(used))
     pre = spec["base"].get("pretrain") or {}
     # without data_seed the pretrain stage reads the families' sft.jsonl: generate them too
@@ -422,28 +432,19 @@ def _sft_stages(g: _StageList, sft: dict, model: str) -> str:
 
 
 def _dpo_stages(g: _StageList, dpo: dict, model: str) -> str:
-    """Offline DPO from `model`, merged with it; returns "dpo_merge"."""
-    files = _files(g.spec, dpo, "pref")
-    g.add_train("dpo", dpo["config"], model, files, dpo.get("overrides"), "offline DPO expert")
-    spec = _merge_spec(["dpo", model], dpo.get("merge_weights"), dpo.get("merge"), model)
-    g.stages.append(Stage("dpo_merge", "merge", ["dpo", model], spec, label="DPO merged"))
-    g.add_eval("dpo_merge", "offline DPO merged")
-    return "dpo_merge"
+    """Offline DPO from `model` (one run or preference experts), merged; returns "dpo_merge"
+    (r7b_fast.pipeline_pref)."""
+    from r7b_fast.pipeline_pref import dpo_stages
+
+    return dpo_stages(g, dpo, model)
 
 
 def _online_stages(g: _StageList, onl: dict, model: str) -> None:
-    """`rounds` on-policy DPO stages, each from the previous round, the last merged with `model`."""
-    prev = model
-    for r in range(1, int(onl.get("rounds", 1)) + 1):
-        files = _files(g.spec, onl, "sft")
-        # one trainer run per round (each from the previous round, its own sampling seed)
-        ov = {**(onl.get("overrides") or {}), "online.rounds": 1}
-        g.add_train(f"online_r{r}", onl["config"], prev, files, ov,
-                    f"on-policy DPO round {r}", seed=g.seed + r - 1)  # fmt: skip
-        prev = f"online_r{r}"
-    merge = _merge_spec([prev, model], onl.get("merge_weights"), onl.get("merge"), model)
-    g.stages.append(Stage("online_merge", "merge", [prev, model], merge, label="on-policy merged"))
-    g.add_eval("online_merge", "on-policy DPO merged (final)")
+    """`rounds` on-policy DPO rounds from `model` (one run or preference experts per round),
+    merged into "online_merge" (r7b_fast.pipeline_pref)."""
+    from r7b_fast.pipeline_pref import online_stages
+
+    online_stages(g, onl, model)
 
 
 def _files(spec: dict, sec: dict, kind: str) -> list[list[str]]:
