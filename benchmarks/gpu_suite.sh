@@ -26,6 +26,7 @@
 #   time_*     75/80  ~60  each kernel's benchmark vs peers (attention: --budget 60)
 #   train        200 ~150  benchmarks/train_step.py: SFT + DPO steps, ours vs HF vs HF+Liger
 #   trl          150  ~90  benchmarks/trl_dpo.py: TRL's DPOTrainer vs +Liger vs our drop-in (alone: --only install,env,trl)
+#   train_compile 150 ~120 train_step.py --matrix: ours SFT, regional torch.compile off/on, MFU (R7B layers)
 #   merge         60  ~30  CPU-side benchmarks, when present
 #   packing       40  ~15
 # Files: DEST/TAG.json, DEST/TAG.md, DEST/TAG.log (DEST = $OUT, else benchmarks/results/; TAG =
@@ -223,6 +224,19 @@ if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ] && present trl
     step trl 150 "$PY" -m benchmarks.trl_dpo --dry-run
   else
     step trl 150 "$PY" -m benchmarks.trl_dpo --budget 90
+  fi
+  [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
+fi
+
+# ---------------------------------------------------------------------------- torch.compile
+# Our SFT step with regional torch.compile off / on (r7b_fast.compile), R7B layer shapes, 4 layers,
+# one 8192-token row; each cell in its own process (first step = compile time); MFU per cell.
+# --dry-run: the tiny model on the CPU, dynamo only (backend eager): the plumbing.
+if [ "${OK[linear_logprobs]}" = 1 ] && [ "${OK[attention]}" = 1 ]; then
+  if [ "$DRY" = 1 ]; then
+    step train_compile 150 "$PY" -m benchmarks.train_step --matrix --dry-run --ac-modes none
+  else
+    step train_compile 150 "$PY" -m benchmarks.train_step --matrix
   fi
   [ "$STATUS" = ok ] || [ "$STATUS" = skipped ] || FAILED=1
 fi

@@ -32,6 +32,8 @@ variant, so a run cut short by its time budget keeps what it measured.
     python -m benchmarks.train_step --device cpu --tiny  # CPU: tiny model, ours vs HF, interleaved
     python -m benchmarks.train_step --dry-run            # CPU smoke test of every path (ours on
                                                          # its torch twins, Liger interpreted)
+    python -m benchmarks.train_step --matrix [--mid]     # ours: torch.compile off/on x activation
+                                                         # checkpointing (benchmarks/_compile_matrix.py)
 """
 
 from __future__ import annotations
@@ -361,7 +363,12 @@ def parse_args(argv=None):
         help="CPU threads (1: the shared 2-core CI machine is "
         "oversubscribed; more threads ran 10x slower there)",
     )
+    from benchmarks import _compile_matrix
+
+    _compile_matrix.add_args(ap)
     args = ap.parse_args(argv)
+    if args.matrix or args.matrix_cell:
+        return _compile_matrix.defaults(args)
     if args.dry_run:
         args.tiny, args.device = True, "cpu"
         args.warmup, args.reps = 0, 1
@@ -467,6 +474,10 @@ def run_group(variants, stages, cfg, data, device, dtype, args, rows, save) -> i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.matrix or args.matrix_cell:
+        from benchmarks import _compile_matrix
+
+        return _compile_matrix.main(args)
     device = setup(args)
     plan = None if args.tiny else _e2e.plan_layers(args.budget_gib, args.max_tokens)
     layers = None if args.tiny else (plan["layers"] if args.layers == "auto" else int(args.layers))
