@@ -4,6 +4,8 @@ A config is a YAML mapping of sections (`run`, `model`, `data`, `optim`, `fsdp`,
 `online`, `checkpoint`, `logging`, `debug`) to `field: value` mappings, plus dotted `section.field=value`
 overrides from the command line (values parsed as YAML: `optim.lr=3e-4`,
 `data.synthetic_families=[arith_ar,count_ar]`, `model.tiny_overrides={hidden_size: 64}`).
+A few str keys also take YAML `true`/`false` for one of their values (`BOOL_ALIASES`:
+`model.compile` on/off, `model.activation_checkpointing` full/none).
 
 `load_config(path_or_name, overrides)` resolves, type-checks and validates everything, raising
 `ConfigError` (a ValueError) that names the offending key, before any model or data is touched.
