@@ -11,8 +11,10 @@ pipeline does). Then, from every seed's report/report.json and stage records:
   over the seeds;
 - per stage and seed: the pooled paired lift on the stage's targeted families vs its start
   (delta, SE, z; `r7b_fast.pipeline_lift`) and every family's z;
-- per seed: the pipeline's wall time and the seconds of each stage kind (from the records), the
-  load average before and after, and the machine (`benchmarks._common.env_info`).
+- per seed: the pipeline's wall time, its CPU seconds (the pipeline's and its trainers': every
+  process is single-threaded, so about the wall time of an idle machine), the seconds of each
+  stage kind (from the records), the load average before and after, and the machine
+  (`benchmarks._common.env_info`). The pipeline runs with OMP_NUM_THREADS=1 (unless set).
 
 Writes `<out>.json` and `<out>.md` (default `benchmarks/results/cpu_demo_seeds`).
 """
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -39,6 +42,12 @@ def spread(xs: list[float]) -> dict:
     return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": n}
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for descendants so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_seed(pipeline: str, seed: int, work: Path, log: Path) -> dict:
     """Runs the pipeline for one seed (stdout/stderr to `log`); returns wall seconds, exit code
     and the 1-minute load average before and after."""
@@ -47,11 +56,15 @@ def run_seed(pipeline: str, seed: int, work: Path, log: Path) -> dict:
     # one thread for the pipeline's own evals too (the trainers already run one: the demo's
     # train_overrides): on a shared 2-core machine torch's default 2 threads fight the other jobs
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    load0, t0 = os.getloadavg()[0], time.time()
+    load0, t0, cpu0 = os.getloadavg()[0], time.time(), _children_cpu()
     with open(log, "ab") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+    # CPU seconds of the pipeline and every trainer it ran (all single-threaded): about the wall
+    # time on an idle machine, whatever the load while measuring
+    cpu = round(_children_cpu() - cpu0, 1)
     return {"seconds": round(time.time() - t0, 1), "rc": rc, "load_before": load0,
-            "load_after": os.getloadavg()[0], "omp_num_threads": env["OMP_NUM_THREADS"]}  # fmt: skip
+            "load_after": os.getloadavg()[0], "omp_num_threads": env["OMP_NUM_THREADS"],
+            "cpu_seconds": cpu}  # fmt: skip
 
 
 def stage_seconds(work: Path) -> dict:
@@ -125,13 +138,17 @@ def markdown(result: dict) -> str:
         fams = ", ".join(row["targeted_families"]) or "-"
         out.append(f"| {stage} | {row['start']} | {fams} | " + " | ".join(cells)
                    + f" | {td} | {fam_z} |")  # fmt: skip
-    out += ["", "## Time per seed (stage records; load average = 1-minute, before -> after)", "",
-            "| seed | wall s | train s | eval s | merge s | other s | load |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    out += ["", "## Time per seed", "", "wall: the pipeline run; CPU: its and its trainers' CPU "
+            "seconds (all single-threaded: about the wall time on an idle machine); train / eval / "
+            "merge / other: the stage records' seconds (wall, under the load); load: 1-minute "
+            "load average before -> after.", "",
+            "| seed | wall s | CPU s | train s | eval s | merge s | other s | load |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for s, info in seeds.items():
         k = info["times"]["kinds"]
         other = sum(v for kind, v in k.items() if kind not in ("train", "eval", "merge"))
-        out.append(f"| {s} | {info['run'].get('seconds', '-')} | {k.get('train', 0):.0f} | "
+        out.append(f"| {s} | {info['run'].get('seconds', '-')} | "
+                   f"{info['run'].get('cpu_seconds', '-')} | {k.get('train', 0):.0f} | "
                    f"{k.get('eval', 0):.0f} | {k.get('merge', 0):.0f} | {other:.0f} | "
                    f"{info['run'].get('load_before', float('nan')):.1f} -> "
                    f"{info['run'].get('load_after', float('nan')):.1f} |")  # fmt: skip
