@@ -59,7 +59,8 @@ def stage_start(st: Stage, by_name: dict[str, Stage]) -> tuple[str | None, list[
     stage's input model and data; a merge of trained models: their common start (or the merged
     model that is not trained from it, e.g. dpo_merge's SFT generalist) and their families."""
     if st.kind == "train":
-        return st.spec["model"], [f for f, kind in st.spec["data"] if kind != "file"]
+        # a family listed twice (upsampled) is one targeted family
+        return st.spec["model"], list(dict.fromkeys(f for f, k in st.spec["data"] if k != "file"))
     if st.kind != "merge":
         return None, []
     trained = [by_name[m] for m in st.spec["models"] if by_name[m].kind == "train"]
