@@ -159,7 +159,8 @@ def trained_prompt_lift(work: Path, st: Stage, stages: list[Stage], pairs: list)
     """Greedy accuracy on the prompts a round trained on (its pairs' prompts, the eval stages'
     max_new_tokens), before (the round's start) and after (the round): the paired lift. It
     separates "the round taught its own prompts" from "it generalised to held-out prompts".
-    Cached in <stage>/online/trained_prompts.json, keyed by the stage's record hash."""
+    Cached in <stage>/online/trained_prompts.json, keyed by the stage's record hash. None when
+    the pairs' rows carry no `family` + `answer` for the task verifier (e.g. user datasets)."""
     from r7b_fast.eval import load_for_eval, task_accuracy
     from r7b_fast.pipeline_spec import model_dir, read_json, write_json
 
@@ -168,8 +169,8 @@ def trained_prompt_lift(work: Path, st: Stage, stages: list[Stage], pairs: list)
         work / st.name / "online" / "trained_prompts.json",
     )
     old = read_json(cache)
-    if not pairs or rec is None:
-        return None
+    if not pairs or rec is None or any("answer" not in p or "family" not in p for p in pairs):
+        return None  # nothing to score, or prompts without a verifiable answer (user data)
     if old and old.get("hash") == rec["hash"]:
         return old["lift"]
     ev = next((s for s in stages if s.kind == "eval"), None)

@@ -289,3 +289,33 @@ def test_demo_seeds_aggregates_reports_over_seeds():
                    "machine": "m", "pipeline": "p"})  # fmt: skip
     assert "| base | 0.400 ± 0.100 (0.300-0.500) |" in md
     assert "| dpo_merge | sft_merge | arith_ar | +0.333 (+1.0) |" in md
+
+
+def test_round_and_dpo_rows_read_the_stage_files(tmp_path):
+    """round_rows: the round event's stats and, from online/round_000.pt, the mean verifier score
+    of chosen vs rejected answers (no greedy re-scoring for rows without family + answer);
+    dpo_rows: first logged step and the mean of the last quarter of metrics.jsonl."""
+    import torch
+
+    from r7b_fast.pipeline_lift import dpo_markdown, dpo_rows, round_rows
+
+    st = stages(tmp_path)
+    d = tmp_path / "w" / "online_r1"
+    (d / "online").mkdir(parents=True)
+    pairs = [{"prompt": [], "chosen_reward": c, "rejected_reward": r}
+             for c, r in ((1.0, 0.0), (1.0, 0.5), (0.5, 0.0))]  # fmt: skip
+    torch.save({"pairs": pairs, "stats": {}, "ref": []}, d / "online" / "round_000.pt")
+    ev = {"event": "round", "num_prompts": 4.0, "num_samples": 8.0, "reward_mean": 0.4,
+          "reward_best_mean": 0.8, "num_tied": 1.0, "margin_mean": 2 / 3}  # fmt: skip
+    steps = [{"step": i, "loss": 1.0 - i / 10, "rewards/accuracies": i / 8} for i in range(1, 9)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [ev, *steps]))
+    (got,) = round_rows(tmp_path / "w", list(st.values()))
+    assert (got["pairs"], got["ties"], got["prompts"], got["samples"]) == (3, 1, 4, 8)
+    assert got["chosen_score"] == pytest.approx(2.5 / 3) and got["rejected_score"] == 0.5 / 3
+    assert got["trained_prompts"] is None  # no family / answer to verify
+    (row,) = dpo_rows(tmp_path / "w", list(st.values()))
+    assert row["steps"] == 8 and row["rewards/accuracies"]["first"] == 1 / 8
+    assert row["rewards/accuracies"]["last"] == pytest.approx((7 / 8 + 1) / 2)  # last 2 of 8
+    assert row["loss"]["last"] == pytest.approx((0.3 + 0.2) / 2)
+    md = dpo_markdown([row], [got])
+    assert "| online_r1 | 4 x 2 | 0.400 | 0.800 | 3 | 1 | 0.667 | 0.833 | 0.167 | - |" in md
