@@ -19,7 +19,7 @@ import torch
 import yaml
 from _train_helpers import COMMON, events, metrics, one_thread  # noqa: F401 (fixture)
 
-from r7b_fast import gate, train
+from r7b_fast import train
 from r7b_fast.checkpoint import latest
 from r7b_fast.config import ConfigError, load_config
 
@@ -243,6 +243,7 @@ def test_lock_refuses_second_trainer_then_kill_resume_has_no_duplicate_steps(tmp
 
 def test_gate_cache_keyed_by_seed_and_data(tmp_path):
     from r7b_fast.data.synthetic import generate_split, write_jsonl
+    from r7b_fast.gate_runner import GatePlan, train_proxy
 
     files = [write_jsonl(generate_split("digits_ar", 8, 0, "train"), tmp_path / "d.jsonl")]
     ov = {
@@ -254,22 +255,23 @@ def test_gate_cache_keyed_by_seed_and_data(tmp_path):
         "checkpoint.every_steps": 0,
         "run.cpu_threads": 1,
     }
-    base = {"path": "tiny", "tiny_overrides": {"hidden_size": 32, "intermediate_size": 64,
-            "num_attention_heads": 2, "num_key_value_heads": 1}}  # fmt: skip
-    spec = {"config": "sft_tiny", "base": base, "overrides": ov, "seed": 0}
+    model = {"path": "tiny", "tiny_overrides": {"hidden_size": 32, "intermediate_size": 64,
+             "num_attention_heads": 2, "num_key_value_heads": 1}}  # fmt: skip
+    plan = GatePlan(work=tmp_path, config="sft_tiny", model=model, overrides=ov, seeds=[0],
+                    mixture=files, candidates=[], eval_rows=[])  # fmt: skip
     out = tmp_path / "g"
-    hf = gate._train(spec, out, files)
+    hf = train_proxy(plan, out, files, 0)
     first = tree(hf)
     done = (out / "done.json").read_bytes()
-    assert gate._train(spec, out, files) == hf and (out / "done.json").read_bytes() == done
+    assert train_proxy(plan, out, files, 0) == hf and (out / "done.json").read_bytes() == done
     (out / "done.json").unlink()  # as if interrupted after its checkpoint: resumed, not wiped
-    gate._train(spec, out, files)
+    train_proxy(plan, out, files, 0)
     assert len(events(out, "start")) == 2 and events(out, "resume") and tree(hf) == first
-    gate._train({**spec, "seed": 1}, out, files)  # 4: another seed retrains
+    train_proxy(plan, out, files, 1)  # 4: another seed retrains
     assert tree(hf) != first
     seed1 = tree(hf)
     write_jsonl(generate_split("digits_ar", 8, 3, "train"), files[0])  # 4: new data retrains
-    gate._train({**spec, "seed": 1}, out, files)
+    train_proxy(plan, out, files, 1)
     assert tree(hf) != seed1
     assert len(events(out, "start")) == 1  # each retrain started from an empty dir
 
