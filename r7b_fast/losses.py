@@ -21,7 +21,7 @@ DPO_KINDS = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
 
 
 def token_logps(model, input_ids, position_ids, targets, *, backend="auto", head=None,
-                **model_kwargs):  # fmt: skip
+                rows=None, **model_kwargs):  # fmt: skip
     """Log-prob of each target token under `model`, without computing the logits.
 
     Args:
@@ -32,6 +32,9 @@ def token_logps(model, input_ids, position_ids, targets, *, backend="auto", head
             packed-attention kwargs).
         head: called instead of `linear_logprobs` (same arguments), e.g. the compiled one that
             r7b_fast.compile installs; None: `linear_logprobs`.
+        rows: int64 indices of the trained tokens (targets != -100) in the flattened (B*T)
+            targets, on the model's device, e.g. from the packer (`train_data.collate` computes
+            them on the host); None: computed here with `nonzero` (a host sync on CUDA).
     Returns:
         fp32 (B, T): log p(targets[b, t]) where targets != -100, else 0; differentiable.
     """
@@ -45,7 +48,8 @@ def token_logps(model, input_ids, position_ids, targets, *, backend="auto", head
     )
     hidden = out.last_hidden_state  # (B, T, H)
     flat_t = targets.reshape(-1)
-    rows = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)  # only trained tokens reach the kernel
+    if rows is None:  # only trained tokens reach the kernel
+        rows = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)
     scale = getattr(model.config, "logit_scale", None) or 1.0
     picked = (head or linear_logprobs)(
         hidden.reshape(-1, hidden.shape[-1])[rows],

@@ -217,13 +217,33 @@ def _packing_kwargs(input_ids, attention_mask, position_ids, cu_seqlens, max_seq
     kwargs.update(packed_kwargs(position_ids, cu_seqlens, max_seqlen=max_seqlen))
 
 
+# Decoders whose forward takes a prepared {layer type: mask} mapping as `attention_mask`
+# (transformers 5.17 and 5.24): given one, they skip building masks, and with it an eager host
+# read per mask type (masking_utils.find_packed_sequence_indices checks position_ids for packing).
+_MASK_MAPPING_TYPES = frozenset({"cohere2", "qwen2"})
+
+
+def _no_mask_mapping(lm, kwargs):
+    """{layer type: None} for a packed forward of a decoder that accepts a mask mapping (our
+    varlen attention reads the boundaries, never a mask), else None (HF builds its masks).
+    Not with a KV cache: generation falls back to SDPA, which needs HF's masks."""
+    types_ = getattr(lm.config, "layer_types", None)
+    if (lm.config.model_type not in _MASK_MAPPING_TYPES or not types_ or "cu_seq_lens_q" not in kwargs
+            or kwargs.get("past_key_values") is not None or kwargs.get("use_cache")):  # fmt: skip
+        return None
+    return dict.fromkeys(types_)
+
+
 def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
     state = self._r7b_kernels
     cu_seqlens = kwargs.pop("cu_seqlens", None)  # the packer's boundaries (see apply_kernels)
     max_seqlen = kwargs.pop("max_seqlen", None)
     targets = kwargs.pop("targets", None)
+    target_rows = kwargs.pop("target_rows", None)
     if state["attention"]:
         _packing_kwargs(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, kwargs)
+        if attention_mask is None:
+            attention_mask = _no_mask_mapping(self, kwargs)
     labels = kwargs.get("labels")
     wants_loss = targets is not None or (labels is not None and self.training)
     if state["loss"] and wants_loss and input_ids is None:
@@ -248,7 +268,8 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     if targets is not None:
         kwargs.pop("labels", None)
         kwargs.pop("num_items_in_batch", None)
-        token_logps = _token_logps(self, input_ids, position_ids, targets, state["backend"], kwargs)
+        token_logps = _token_logps(self, input_ids, position_ids, targets, state["backend"], kwargs,
+                                   rows=target_rows)  # fmt: skip
         # a fresh tensor, not a view: FSDP2 hooks the root output for backward
         return TokenLogpsOutput(token_logps=token_logps.clone())
     return _hf_labels_loss(self, input_ids, position_ids, kwargs, state["backend"])
@@ -264,16 +285,17 @@ def _check_head(lm) -> None:
         )
 
 
-def _token_logps(lm, input_ids, position_ids, targets, backend, kwargs):
+def _token_logps(lm, input_ids, position_ids, targets, backend, kwargs, rows=None):
     """fp32 [B, T] log p(targets). Eager: `losses.token_logps` (only trained rows reach the
-    kernel; one host sync for their count). Under torch.compile every row goes in with
-    ignore_index instead: static shapes, no graph break, the same values (0 where ignored)."""
+    kernel: `rows`, their indices from the packer, or found there with one host sync). Under
+    torch.compile every row goes in with ignore_index instead: static shapes, no graph break,
+    the same values (0 where ignored)."""
     from r7b_fast import losses
 
     if not torch.compiler.is_compiling():  # "head": r7b_fast.compile's compiled linear_logprobs
         head = lm._r7b_kernels.get("head")
         return losses.token_logps(lm, input_ids, position_ids, targets, backend=backend,
-                                  head=head, **kwargs)  # fmt: skip
+                                  head=head, rows=rows, **kwargs)  # fmt: skip
     from r7b_fast.kernels.fused_logprobs import linear_logprobs
 
     hidden = lm.model(

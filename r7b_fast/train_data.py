@@ -169,7 +169,8 @@ def collate(rows: list[dict], device) -> dict:
     """Concatenate packed rows into one packed row [1, B*T] on `device` (sequence ids offset so
     they stay unique), with `max_seqlen` (python int: the longest segment of `cu_seqlens`,
     padding included) computed from the host tensors, so the model reads nothing from the
-    device to size attention. Preference rows also get `chosen_index`/`rejected_index` (the
+    device to size attention, and `target_rows` (int64: indices of the trained tokens, targets
+    != -100, in the flattened row; the fused head reads only those). Preference rows also get `chosen_index`/`rejected_index` (the
     pair's two sequences, in the same pair order), `seq_target_tokens` [S] and `ref_logps` [S].
     On CUDA the tensors are copied from pinned memory without blocking (a copy from pageable
     memory would wait for it); elsewhere `.to(device)` as is."""
@@ -190,6 +191,8 @@ def collate(rows: list[dict], device) -> dict:
         "seq_ids": torch.cat(seq_ids)[None],
         "num_seqs": total,
     }
+    # the trained tokens' indices, found on the host (on the device `nonzero` is a sync)
+    batch["target_rows"] = (batch["targets"].reshape(-1) != -100).nonzero().flatten()
     if "is_chosen" in rows[0]:
         pair_ids, is_chosen = cat("pair_ids"), cat("is_chosen")
         chosen = torch.nonzero(is_chosen).flatten()

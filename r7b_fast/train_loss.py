@@ -15,11 +15,12 @@ from r7b_fast.config import Config
 
 def packed_forward(model, batch: dict) -> torch.Tensor:
     """fp32 [1, T] log p(target) of a collated micro-batch: the packer's boundaries and longest
-    sequence (`max_seqlen`, a python int) go to the model, so nothing is read from the device to
-    size attention."""
+    sequence (`max_seqlen`, a python int) and the trained tokens' indices (`target_rows`) go to
+    the model, so nothing is read from the device to size attention or the head."""
     return model(
         batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
         cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"],
+        target_rows=batch.get("target_rows"),
     ).token_logps  # fmt: skip
 
 
