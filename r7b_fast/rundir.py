@@ -59,6 +59,9 @@ NEUTRAL = (
     # Same update to fp32 rounding (reduce-scatter per micro-batch or once, resharding, the
     # AdamW kernel): a memory/speed choice, free to change on resume.
     "fsdp.", "optim.implementation",
+    # Where the sampling parameters live (gathered once per round or per forward): the same
+    # samples (tested bit-identical over 2 ranks); online.cache/batch_size stay (bf16 rounding).
+    "online.gather_for_sampling",
 )  # fmt: skip
 # What a fresh start (run.overwrite, or a run that never checkpointed) removes: the run's own
 # files only, never anything else a user keeps in the directory.

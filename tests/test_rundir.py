@@ -362,11 +362,14 @@ def test_fingerprint_ignores_result_neutral_keys_only():
     base = load_config("sft_tiny", ["run.output_dir=x"])
     fp = rundir.fingerprint(base)
     for neutral in ("logging.every_steps=7", "checkpoint.every_steps=3", "run.cpu_threads=2",
-                    "run.output_dir=y", "debug.step_sleep=0.5", "model.kernel_backend=torch", "eval.every_steps=5"):  # fmt: skip
+                    "run.output_dir=y", "debug.step_sleep=0.5", "model.kernel_backend=torch", "eval.every_steps=5",
+                    "online.gather_for_sampling=false", "model.compile=on",
+                    "fsdp.grad_accumulation=unsharded"):  # fmt: skip
         cfg = load_config("sft_tiny", ["run.output_dir=x", neutral])
         assert rundir.fingerprint(cfg) == fp, neutral
     for key, value in (("optim.lr", "1e-3"), ("optim.beta2", "0.9"), ("data.max_tokens", "64"),
-                       ("model.dtype", "bfloat16"), ("dpo.beta", "0.5"), ("run.seed", "3")):  # fmt: skip
+                       ("model.dtype", "bfloat16"), ("dpo.beta", "0.5"), ("run.seed", "3"),
+                       ("online.batch_size", "7")):  # fmt: skip
         cfg = load_config("sft_tiny", ["run.output_dir=x", f"{key}={value}"])
         assert list(rundir.diff(fp, rundir.fingerprint(cfg))) == [key]
 
