@@ -58,3 +58,35 @@ def one_thread_module():
     """One torch thread for a whole module, its module-scoped fixtures included (tiny matmuls:
     intra-op threads only add synchronisation, 10x slower on a loaded 2-core machine)."""
     yield from _one_torch_thread()
+
+
+def latest_checkpoint_model(out: Path, build):
+    """A model built from out/config.yaml by `build` (train.build_model, unpatched by the test)
+    and loaded from out's latest complete checkpoint: what a resume would start from."""
+    from r7b_fast import checkpoint, train
+    from r7b_fast.config import load_config
+    from r7b_fast.distributed import Dist
+    from r7b_fast.optim import build_optimizer
+
+    cfg = load_config(str(Path(out) / "config.yaml"))
+    model = build(cfg, Dist(), train.load_tokenizer(cfg))
+    opt, _ = build_optimizer(cfg, model, 1)
+    checkpoint.load(checkpoint.latest(Path(out) / "checkpoints"), model, opt, Dist())
+    return model
+
+
+def run_two_ranks(worker, args: tuple, what: str, timeout: float = 120.0) -> None:
+    """`worker(rank, *args)` on 2 forked processes (fork: the children inherit the imports;
+    spawn re-imports torch/transformers, ~40 s here); fails the test after `timeout` seconds (a
+    collective mismatch hangs instead of erroring) or when a rank raises."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"2-rank {what} did not finish in {timeout:.0f} s (ranks out of step?)")

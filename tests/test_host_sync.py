@@ -17,13 +17,17 @@ import traceback
 
 import pytest
 import torch
-from _train_helpers import COMMON, metrics, one_thread, one_thread_module  # noqa: F401
+from _train_helpers import (  # noqa: F401 (fixtures)
+    COMMON,
+    latest_checkpoint_model,
+    metrics,
+    one_thread,
+    one_thread_module,
+)
 
 from r7b_fast import checkpoint, train
 from r7b_fast.config import load_config
 from r7b_fast.data.packing import pack_sft
-from r7b_fast.distributed import Dist
-from r7b_fast.optim import build_optimizer
 from r7b_fast.train_data import collate
 
 # `nonzero` has a data-dependent output size: on CUDA it waits for the device like a read
@@ -144,10 +148,7 @@ def test_nan_between_read_backs_stops_before_saving(tmp_path, monkeypatch, fused
     assert [r["step"] for r in metrics(out)] == []  # step 2 is not on the logging cadence
     assert checkpoint.latest(out / "checkpoints").name == "step_00000002"
     assert not (out / "done.json").exists()
-    cfg = load_config(str(out / "config.yaml"))
-    saved = real_build(cfg, Dist(), train.load_tokenizer(cfg))
-    opt, _ = build_optimizer(cfg, saved, 8)
-    checkpoint.load(checkpoint.latest(out / "checkpoints"), saved, opt, Dist())
+    saved = latest_checkpoint_model(out, real_build)
     assert all(torch.isfinite(p).all() for p in saved.parameters())
     live = list(built[0].parameters())
     if fused:

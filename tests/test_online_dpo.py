@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from _train_helpers import one_thread_module  # noqa: F401 (autouse fixture)
+from _train_helpers import one_thread_module, run_two_ranks  # noqa: F401 (autouse fixture)
 
 from r7b_fast import losses
 from r7b_fast.data.chat import render_preference, render_prompt
@@ -223,23 +223,13 @@ def test_two_fsdp_ranks_give_the_single_process_result(tmp_path, tok, reward_mod
     single-process pairs and stats. Same fp32 CPU math on both sides: exact equality expected."""
     import json
     import sys
-    import time
-
-    import torch.multiprocessing as mp
 
     stop_ids = [i for i in range(8, 1024) if i % 4 == 0] + [END_OF_TURN_ID]
     out = tmp_path / "result"
     reward_dir = next(p for p in sys.path if os.path.exists(os.path.join(p, f"{reward_module}.py")))
-    # fork: the children inherit the imports (spawn re-imports torch/transformers: ~40 s here);
-    # they compute with one thread, so no OpenMP pool is needed after the fork.
-    ctx = mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "init"), reward_dir, stop_ids,
-                             str(out)), nprocs=2, join=False, start_method="fork")  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:  # a collective mismatch hangs: fail instead
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("2-rank build_pairs did not finish in 120 s (ranks out of step?)")
+    # the children compute with one thread, so no OpenMP pool is needed after the fork
+    run_two_ranks(_fsdp_worker, (2, str(tmp_path / "init"), reward_dir, stop_ids, str(out)),
+                  "build_pairs")  # fmt: skip
     model = build_model(tiny_config(), seed=0)
     rows = generate_split("arith_ar", 5, 0, "train")
     pairs, stats = build_pairs(model, tok, rows, f"{reward_module}:ascii_share", k=3,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from _train_helpers import one_thread_module  # noqa: F401 (autouse fixture)
+from _train_helpers import one_thread_module, run_two_ranks  # noqa: F401 (autouse fixture)
 
 from r7b_fast import generate as gen
 from r7b_fast import sampling
@@ -288,21 +288,10 @@ def test_fsdp_gathered_once_per_phase(tmp_path, prompts):
     and a training forward + backward behaves as on a model that never sampled (same reshard
     settings, same all-gather count, same loss)."""
     import json
-    import time
-
-    import torch.multiprocessing as mp
 
     five = prompts[:5]
     out = tmp_path / "result"
-    # fork: the children inherit the imports (spawn re-imports torch/transformers: ~40 s here)
-    ctx = mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "init"), five, str(out)),
-                             nprocs=2, join=False, start_method="fork")  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:  # a collective mismatch hangs: fail instead
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("2-rank sampling did not finish in 120 s (ranks out of step?)")
+    run_two_ranks(_fsdp_worker, (2, str(tmp_path / "init"), five, str(out)), "sampling")
     want = generate(_model(), None, five, max_new_tokens=MAX_NEW, num_samples=2, batch_size=2,
                     temperature=1.0, seed=3)  # fmt: skip
     for rank in (0, 1):

@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
-from _train_helpers import COMMON, events, metrics, one_thread  # noqa: F401 (fixture)
+from _train_helpers import COMMON, events, latest_checkpoint_model, metrics, one_thread  # noqa: F401
 from safetensors.torch import load_file
 
 from r7b_fast import checkpoint, train
 from r7b_fast.config import load_config
-from r7b_fast.distributed import Dist
-from r7b_fast.optim import build_optimizer
 
 FAST = [*COMMON, "logging.tensorboard=false", "checkpoint.every_steps=0"]
 SFT = ["data.synthetic_families=[digits_ar,count_ar]", "data.synthetic_train=16",
@@ -75,10 +73,7 @@ def test_inf_gradient_with_finite_loss_stops_before_step(tmp_path, monkeypatch):
     assert checkpoint.latest(out / "checkpoints").name == "step_00000001"
     assert not (out / "done.json").exists()
     # The live model after the error still holds step 1's weights (no optimizer step ran).
-    cfg = load_config(str(out / "config.yaml"))
-    ref = real_build(cfg, Dist(), train.load_tokenizer(cfg))
-    opt, _ = build_optimizer(cfg, ref, 4)
-    checkpoint.load(checkpoint.latest(out / "checkpoints"), ref, opt, Dist())
+    ref = latest_checkpoint_model(out, real_build)
     for (name, p), q in zip(built[0].named_parameters(), ref.parameters()):
         assert torch.isfinite(p).all(), name
         assert torch.equal(p, q), name
