@@ -12,8 +12,9 @@ What is compiled (`compile_model`):
 - the loss head, the `linear_logprobs` call of a kernel-patched model (`apply_kernels(loss=True)`),
   on the trained rows only (the row selection stays eager, as without compile).
 
-The root forward (embeddings, rotary tables, the packing boundaries' host read, the final norm)
-stays eager: the packing kwargs read the device once per step, which is a graph break anyway.
+The root forward (embeddings, rotary tables, the packing boundaries, the final norm) stays
+eager: it is cheap, and a caller without the packer's `cu_seqlens`/`max_seqlen` makes it read the
+device (position_ids -> boundaries), which would be a graph break anyway.
 Our kernels are traced as what they are: the Triton paths are torch custom ops with fake
 implementations (`r7b_fast::varlen_attention_fwd`, `r7b_fast::linear_logprobs_fwd`, opaque in the
 graph, no guard on their int arguments), the torch twins trace without graph breaks.
