@@ -426,12 +426,18 @@ def test_mergekit_dare_statistically(tmp_path):
                     )
 
 
-def _pipeline_yaml(tmp: Path, **merges) -> Path:
+def _pipeline_yaml(tmp: Path, dpo_experts: bool = False, **merges) -> Path:
+    """pipeline_demo with these `<section>.merge`s; its dpo section in the single form (one DPO
+    model merged with its start, the base of ties/slerp) unless `dpo_experts` (the demo's two
+    preference experts merged without the start)."""
     import yaml
 
     from r7b_fast.pipeline_spec import resolve_pipeline
 
     spec = yaml.safe_load(resolve_pipeline("pipeline_demo").read_text())
+    if not dpo_experts:
+        spec["dpo"] = {"config": spec["dpo"]["config"], "families": ["arith_ar", "arith_en"],
+                       "merge_weights": [0.5, 0.5]}  # fmt: skip
     for sec, m in merges.items():
         spec[sec]["merge"] = m
     (tmp / "p.yaml").write_text(yaml.safe_dump(spec))
@@ -454,6 +460,11 @@ def test_pipeline_stages_carry_method_params_and_base(tmp_path):
     assert st["dpo_merge"].spec["base"] == st["dpo_merge"].spec["models"][1]
     assert st["online_merge"].spec["params"] == {"density": [0.4, 0.9], "seed": 3}
     assert "method" not in plain["sft_merge"].spec  # linear merges: spec (and hash) unchanged
+    # preference experts merged without their start: the start (the SFT merge) is the base
+    y = _pipeline_yaml(tmp_path, dpo_experts=True, dpo={"method": "ties", "density": 0.5})
+    merge = {s.name: s for s in build_stages(load_pipeline(str(y)))}["dpo_merge"]
+    assert merge.spec["models"] == ["dpo_math", "dpo_skills"]
+    assert merge.spec["base"] == "sft_merge" and "sft_merge" in merge.deps
 
 
 @pytest.mark.parametrize("sec,merge,match", [
