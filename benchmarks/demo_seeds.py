@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -36,9 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def spread(xs: list[float]) -> dict:
     """mean, std (sample, n - 1; 0 for one value), min, max and n of a list of numbers."""
+    from r7b_fast.gate import mean_spread
+
     n = len(xs)
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    mean, std, _ = mean_spread(xs) if n > 1 else (xs[0], 0.0, 0.0)
     return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": n}
 
 

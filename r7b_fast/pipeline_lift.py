@@ -19,6 +19,7 @@ import json
 import math
 from pathlib import Path
 
+from r7b_fast.gate import mean_spread
 from r7b_fast.pipeline_spec import Stage
 
 
@@ -29,10 +30,7 @@ def paired_lift(before: list[float], after: list[float]) -> dict:
     if n != len(after) or n < 2:
         raise ValueError(f"paired_lift: need two equal-length lists of >= 2 scores, got "
                          f"{n} and {len(after)}")  # fmt: skip
-    diffs = [a - b for a, b in zip(after, before)]
-    delta = sum(diffs) / n
-    sd = math.sqrt(sum((d - delta) ** 2 for d in diffs) / (n - 1))
-    se = sd / math.sqrt(n)
+    delta, _, se = mean_spread([a - b for a, b in zip(after, before)])
     z = delta / se if se > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
     return {"n": n, "before": sum(before) / n, "after": sum(after) / n, "delta": delta,
             "se": se, "z": z}  # fmt: skip
